@@ -1,0 +1,1 @@
+"""Sentiment service: a versioned scikit-learn model served by gunicorn, watching itself."""

@@ -1,0 +1,1 @@
+"""HTTP layer: parse, call one domain function, shape the response."""

@@ -1,0 +1,34 @@
+"""``POST /v1/predict`` and ``POST /v1/predict/batch``."""
+
+# No "from __future__ import annotations": the request models are local to build_router, and FastAPI
+# must see them as real classes, not strings, to read them from the body.
+from dataclasses import asdict
+
+from fastapi import APIRouter, Response
+
+from app.api.deps import JsonBody, PredictorDep
+from app.api.schemas import BatchPredictionOut, ErrorOut, PredictionOut, request_models
+from app.settings import Settings
+
+_ERRORS = {status: {"model": ErrorOut} for status in (413, 415, 422, 503)}
+
+
+def build_router(settings: Settings) -> APIRouter:
+    """Routes whose request bodies carry the configured text and batch limits."""
+    PredictRequest, BatchPredictRequest = request_models(settings.max_text_chars, settings.max_batch_size)
+    router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[JsonBody], responses=_ERRORS)
+
+    @router.post("/predict", response_model=PredictionOut, summary="Classify one text")
+    async def predict(body: PredictRequest, predictor: PredictorDep, response: Response) -> dict:  # type: ignore[valid-type]
+        (prediction,) = await predictor.predict([body.text])  # type: ignore[attr-defined]
+        response.headers["X-Model-Version"] = prediction.model_version
+        return asdict(prediction)
+
+    @router.post("/predict/batch", response_model=BatchPredictionOut, summary="Classify several texts")
+    async def predict_batch(body: BatchPredictRequest, predictor: PredictorDep, response: Response) -> dict:  # type: ignore[valid-type]
+        predictions = await predictor.predict(body.texts)  # type: ignore[attr-defined]
+        version = predictions[0].model_version
+        response.headers["X-Model-Version"] = version
+        return {"predictions": [asdict(p) for p in predictions], "model_version": version}
+
+    return router

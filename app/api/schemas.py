@@ -1,0 +1,126 @@
+"""Request and response bodies of the REST API (JSON), with the examples shown at ``/docs``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("text must contain a non-whitespace character")
+    return text
+
+
+def text_type(max_chars: int) -> Any:
+    """A client text: 1 to ``max_chars`` characters, not only whitespace."""
+    return Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=max_chars),
+        AfterValidator(_not_blank),
+        Field(description=f"Text to classify, 1 to {max_chars} characters."),
+    ]
+
+
+def request_models(max_chars: int, max_batch: int) -> tuple[type[BaseModel], type[BaseModel]]:
+    """Request bodies carrying the configured limits, so validation and ``/docs`` both state them."""
+    Text = text_type(max_chars)
+
+    class PredictRequest(BaseModel):
+        """One text to classify."""
+
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={"examples": [{"text": "A gripping, beautifully acted film."}]},
+        )
+        text: Text
+
+    class BatchPredictRequest(BaseModel):
+        """Up to the configured number of texts to classify in one call."""
+
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={"examples": [{"texts": ["Loved every minute.", "Dull and far too long."]}]},
+        )
+        texts: Annotated[list[Text], Field(min_length=1, max_length=max_batch)]  # type: ignore[valid-type]
+
+    return PredictRequest, BatchPredictRequest
+
+
+class Probabilities(BaseModel):
+    negative: float
+    positive: float
+
+
+class PredictionOut(BaseModel):
+    """A prediction: label, its probability, both class probabilities, and the model that made it."""
+
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "5b0f3c8e9d2a4f61a7c3e1d09b8f7a65",
+                    "sentiment": "positive",
+                    "confidence": 0.93,
+                    "probabilities": {"negative": 0.07, "positive": 0.93},
+                    "model_version": "v20261127T025143Z-05762d",
+                }
+            ]
+        },
+    )
+    id: str = Field(description="Prediction id; quote it when sending feedback.")
+    sentiment: str = Field(description='"positive" or "negative".')
+    confidence: float = Field(ge=0, le=1, description="Probability of the predicted label.")
+    probabilities: Probabilities
+    model_version: str
+
+
+class BatchPredictionOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    predictions: list[PredictionOut]
+    model_version: str
+
+
+class ModelVersionOut(BaseModel):
+    """A registered model version as the store records it."""
+
+    model_config = ConfigDict(protected_namespaces=())
+    version: str
+    stage: str
+    current: bool
+    created_at: str | None = None
+    parent: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    libraries: dict[str, str] = Field(default_factory=dict)
+    artifacts: dict[str, str] = Field(default_factory=dict)
+
+
+class ModelListOut(BaseModel):
+    current: str | None
+    versions: list[ModelVersionOut]
+
+
+class HealthOut(BaseModel):
+    status: str
+
+
+class ReadyOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    status: str
+    model_version: str | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable, machine-readable error code.")
+    message: str
+    details: Any = None
+
+
+class ErrorOut(BaseModel):
+    """Every error response has this shape."""
+
+    error: ErrorBody

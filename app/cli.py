@@ -1,0 +1,99 @@
+"""Command line for the model store: ``python -m app.cli train|list|show|promote|rollback``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from app.errors import SentimentServiceError
+from app.logs import configure_logging
+from app.ml.data import CORPORA
+from app.ml.pipeline import ModelParams
+from app.ml.registry import ModelRegistry
+from app.settings import Settings
+
+
+def _train(registry: ModelRegistry, settings: Settings, args: argparse.Namespace) -> int:
+    from app.ml.train import train_and_register  # pulls in matplotlib and tqdm: only when training
+
+    if args.if_empty and registry.current_version():
+        print(f"model store {registry.root} already serves {registry.current_version()}; not training")
+        return 0
+    corpus = CORPORA[args.corpus](settings.data_dir)
+    result = train_and_register(registry, corpus, ModelParams(C=args.C), holdout_fraction=args.holdout_fraction,
+                                cv_folds=args.cv_folds, promote=args.promote)
+    r = result.report
+    print(f"version   {result.version.version}  ({'promoted to current' if result.promoted else 'not promoted'})")
+    print(f"holdout   n={r['n']} accuracy={r['accuracy']:.4f} balanced_accuracy={r['balanced_accuracy']:.4f} "
+          f"f1_macro={r['f1_macro']:.4f} roc_auc={r['roc_auc']:.4f} ece={r['ece']:.4f}")
+    if "cross_validation" in r:
+        cv = r["cross_validation"]
+        print(f"cv        {cv['folds']}-fold accuracy {cv['accuracy_mean']:.4f} +/- {cv['accuracy_std']:.4f}")
+    print(f"seconds   {result.version.metadata['training_seconds']} (fit {result.version.metadata['fit_seconds']})")
+    print(f"report    {result.version.path / 'report'}")
+    return 0
+
+
+def _list(registry: ModelRegistry) -> int:
+    current = registry.current_version()
+    print(f"{'':2}{'version':28} {'stage':11} {'accuracy':>8} {'ece':>6}  created_at")
+    for entry in registry.versions():
+        metrics = entry.metadata.get("metrics", {})
+        mark = "* " if entry.version == current else "  "
+        print(f"{mark}{entry.version:28} {entry.stage:11} {metrics.get('accuracy', float('nan')):8.4f} "
+              f"{metrics.get('ece', float('nan')):6.3f}  {entry.metadata.get('created_at', '')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings()
+    parser = argparse.ArgumentParser(prog="python -m app.cli", description=__doc__)
+    parser.add_argument("--store", type=Path, default=settings.model_store,
+                        help="model store root (default: SENTIMENT_MODEL_STORE or ./model_store)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train, evaluate and register a new version")
+    train.add_argument("--corpus", choices=sorted(CORPORA), default="rotten_tomatoes")
+    train.add_argument("--cv-folds", type=int, default=0, help="also report k-fold CV accuracy (e.g. 10)")
+    train.add_argument("--holdout-fraction", type=float, default=0.15)
+    train.add_argument("--promote", choices=["if-none", "always", "never"], default="if-none",
+                       help="make the new version current: only if none is (default), always, or never")
+    train.add_argument("--if-empty", action="store_true", help="do nothing if the store has a current version")
+    train.add_argument("--C", type=float, default=ModelParams.C, help="inverse regularisation strength")
+    sub.add_parser("list", help="list versions; * marks the current one")
+    show = sub.add_parser("show", help="print a version's metadata")
+    show.add_argument("version", nargs="?", help="default: the current version")
+    promote = sub.add_parser("promote", help="make a version current (every worker picks it up)")
+    promote.add_argument("version")
+    sub.add_parser("rollback", help="make the previously current version current again")
+    args = parser.parse_args(argv)
+    configure_logging(settings.log_level)
+
+    registry = ModelRegistry(args.store)
+    try:
+        if args.command == "train":
+            return _train(registry, settings, args)
+        if args.command == "list":
+            return _list(registry)
+        if args.command == "show":
+            version = args.version or registry.current_version()
+            if version is None:
+                print("no current version", file=sys.stderr)
+                return 1
+            print(json.dumps(registry.get(version).metadata, indent=2, sort_keys=True))
+            return 0
+        if args.command == "promote":
+            previous = registry.promote(args.version)
+            print(f"current: {args.version} (was {previous})")
+            return 0
+        target = registry.rollback()
+        print(f"current: {target}")
+        return 0
+    except SentimentServiceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

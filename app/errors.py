@@ -1,0 +1,58 @@
+"""The service's domain errors: one base class, free of HTTP (``app/api/errors.py`` maps them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SentimentServiceError(Exception):
+    """Base of every error the service raises on purpose; ``code`` is stable for clients."""
+
+    code = "service_error"
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class ModelNotReadyError(SentimentServiceError):
+    """No verified model is loaded, so nothing can be predicted."""
+
+    code = "model_not_ready"
+
+
+class VersionNotFoundError(SentimentServiceError):
+    """The named model version is not in the store."""
+
+    code = "version_not_found"
+
+
+class ArtifactIntegrityError(SentimentServiceError):
+    """A stored artifact is missing or its sha256 differs from the one recorded at registration."""
+
+    code = "artifact_integrity"
+
+
+class ModelStoreError(SentimentServiceError):
+    """The model store cannot do what was asked (nothing to roll back to, bad layout, ...)."""
+
+    code = "model_store_error"
+
+
+class InvalidInputError(SentimentServiceError):
+    """The client's input is well-formed JSON but not acceptable."""
+
+    code = "invalid_input"
+
+
+class PayloadTooLargeError(SentimentServiceError):
+    """The request body exceeds the configured cap."""
+
+    code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(SentimentServiceError):
+    """The request body is not JSON."""
+
+    code = "unsupported_media_type"

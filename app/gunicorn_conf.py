@@ -1,0 +1,40 @@
+"""gunicorn configuration: ``gunicorn -c app/gunicorn_conf.py 'app.main:create_app()'``.
+
+Values come from the same ``SENTIMENT_*`` settings as the app.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from app.logs import configure_structlog, dict_config
+from app.settings import Settings
+
+_settings = Settings()
+
+bind = [f"{_settings.host}:{_settings.port}"]
+workers = _settings.workers
+worker_class = "uvicorn_worker.UvicornWorker"
+timeout = _settings.worker_timeout_seconds
+graceful_timeout = _settings.graceful_timeout_seconds
+keepalive = _settings.keepalive_seconds
+# Each worker builds its own app (and loads the model) after the fork: nothing heavy is shared by
+# copy-on-write pages that reference counting would dirty anyway, and a worker restart reloads cleanly.
+preload_app = False
+# A worker recycles after this many requests (with jitter so they do not restart together), bounding
+# the effect of any slow leak in a long-lived process.
+max_requests = 200_000
+max_requests_jitter = 20_000
+accesslog = None
+logconfig_dict = dict_config(_settings.log_level)
+proc_name = "sentiment-service"
+# Several services (or test runs) on one host must not fight over one default control socket path.
+control_socket_disable = True
+
+# Web workers predict on lists of strings and never need pandas, but scikit-learn imports it when it is
+# installed (only to detect DataFrames) and it costs ~90 MB per worker. Marking it absent here, in the
+# master before any worker forks, makes that import fail softly; training and the drift monitor run in
+# their own processes and import pandas normally.
+sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
+
+configure_structlog()

@@ -1,0 +1,1 @@
+"""Machine-learning domain: data, preprocessing, training, evaluation and the model store."""

@@ -1,0 +1,151 @@
+"""Training: fit on a split, evaluate on held-out rows, register a version (CLI: ``python -m app.cli train``)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import joblib
+import numpy as np
+import structlog
+from sklearn.base import clone
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from tqdm import tqdm
+
+from app.ml.data import CORPORA, Corpus
+from app.ml.evaluate import classification_report, plot_confusion_matrix, plot_reliability
+from app.ml.pipeline import ModelParams, build_pipeline
+from app.ml.registry import MODEL_ARTIFACT, REFERENCE_ARTIFACT, ModelRegistry, ModelVersion
+
+log = structlog.get_logger(__name__)
+
+PromotePolicy = Literal["if-none", "always", "never"]
+LIBRARIES = ("scikit-learn", "nltk", "numpy", "scipy", "joblib")
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a training run produced: the registered version, its report, and whether it became current."""
+
+    version: ModelVersion
+    report: dict[str, Any]
+    promoted: bool
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a persisted pipeline depends on (unpickling needs the same ones)."""
+    from importlib.metadata import version
+
+    return {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}}
+
+
+def split_holdout(corpus: Corpus, fraction: float, seed: int) -> tuple[Corpus, Corpus]:
+    """Stratified split into (fit, holdout); holdout rows are never seen by any fitted step."""
+    index = np.arange(len(corpus))
+    fit_idx, hold_idx = train_test_split(index, test_size=fraction, stratify=corpus.labels, random_state=seed)
+    return corpus.subset(np.sort(fit_idx), f"{corpus.name}:fit"), corpus.subset(
+        np.sort(hold_idx), f"{corpus.name}:holdout"
+    )
+
+
+def cross_validate(corpus: Corpus, params: ModelParams, folds: int, progress: bool = True) -> dict[str, Any]:
+    """Stratified k-fold accuracy of :func:`build_pipeline` on the whole corpus (2 folds at a time)."""
+    from joblib import Parallel, delayed
+
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=params.random_state)
+    texts = np.asarray(corpus.texts, dtype=object)
+
+    def fold_accuracy(train: np.ndarray, test: np.ndarray) -> float:
+        model = clone(build_pipeline(params)).fit(list(texts[train]), corpus.labels[train])
+        return float((model.predict(list(texts[test])) == corpus.labels[test]).mean())
+
+    jobs = (delayed(fold_accuracy)(tr, te) for tr, te in splitter.split(texts, corpus.labels))
+    scores = []
+    with tqdm(total=folds, desc=f"{folds}-fold CV", unit="fold", disable=not progress) as bar:
+        for score in Parallel(n_jobs=2, return_as="generator_unordered")(jobs):
+            scores.append(score)
+            bar.update()
+    return {"folds": folds, "accuracy_mean": float(np.mean(scores)), "accuracy_std": float(np.std(scores)),
+            "accuracy_per_fold": sorted(scores)}
+
+
+def _write_json(payload: dict[str, Any]) -> Callable[[Path], None]:
+    return lambda path: path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def train_and_register(
+    registry: ModelRegistry,
+    corpus: Corpus,
+    params: ModelParams | None = None,
+    *,
+    holdout_fraction: float = 0.15,
+    cv_folds: int = 0,
+    promote: PromotePolicy = "if-none",
+    parent: str | None = None,
+    progress: bool = True,
+) -> TrainingResult:
+    """Fit a pipeline on ``corpus`` minus a stratified holdout, evaluate it there and register it.
+
+    The version's metadata records metrics, parameters, data fingerprints, library versions and parent.
+    ``promote`` decides whether it becomes current: ``if-none`` only when the store has no current version.
+    """
+    params = params or ModelParams()
+    started = time.perf_counter()
+    fit, holdout = split_holdout(corpus, holdout_fraction, params.random_state)
+    cv = cross_validate(corpus, params, cv_folds, progress) if cv_folds > 1 else None
+
+    steps = tqdm(total=3, desc="train", unit="step", disable=not progress)
+    steps.set_postfix_str(f"fit on {len(fit)} rows")
+    fit_started = time.perf_counter()
+    pipeline = build_pipeline(params).fit(fit.texts, fit.labels)
+    fit_seconds = time.perf_counter() - fit_started
+    steps.update()
+    steps.set_postfix_str(f"evaluate on {len(holdout)} rows")
+    proba = pipeline.predict_proba(holdout.texts)[:, 1]
+    report = classification_report(holdout.labels, proba)
+    if cv:
+        report["cross_validation"] = cv
+    steps.update()
+    steps.set_postfix_str("register")
+
+    title = f"{corpus.name} holdout"
+    artifacts = {
+        MODEL_ARTIFACT: lambda path: joblib.dump(pipeline, path, compress=3),
+        REFERENCE_ARTIFACT: _write_json({"texts": holdout.texts, "labels": holdout.labels.tolist()}),
+        "report/metrics.json": _write_json(report),
+        "report/confusion_matrix.png": lambda path: plot_confusion_matrix(report, path, title),
+        "report/reliability.png": lambda path: plot_reliability(report, path, title),
+    }
+    metadata = {
+        "metrics": {k: v for k, v in report.items() if k != "reliability"},
+        "params": params.to_dict(),
+        "data": {
+            "corpus": corpus.name,
+            "fingerprint": corpus.fingerprint,
+            "rows": len(corpus),
+            "fit_rows": len(fit),
+            "fit_fingerprint": fit.fingerprint,
+            "holdout_rows": len(holdout),
+            "holdout_fingerprint": holdout.fingerprint,
+            "holdout_fraction": holdout_fraction,
+        },
+        "libraries": library_versions(),
+        "parent": parent if parent is not None else registry.current_version(),
+        "training_seconds": round(time.perf_counter() - started, 2),
+        "fit_seconds": round(fit_seconds, 2),
+    }
+    version = registry.register(artifacts, metadata)
+    steps.update()
+    steps.close()
+
+    promoted = promote == "always" or (promote == "if-none" and registry.current_version() is None)
+    if promoted:
+        registry.promote(version.version)
+    log.info("model_trained", model_version=version.version, accuracy=report["accuracy"], ece=report["ece"],
+             promoted=promoted, seconds=metadata["training_seconds"])
+    return TrainingResult(registry.get(version.version), report, promoted)

@@ -1,0 +1,43 @@
+"""Every setting of the service, read from ``SENTIMENT_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    """Service configuration; each field is the env var ``SENTIMENT_<FIELD>`` upper-cased."""
+
+    model_config = SettingsConfigDict(env_prefix="SENTIMENT_", extra="ignore", frozen=True)
+
+    # Model store and data
+    model_store: Path = Field(REPO_ROOT / "model_store", description="Root of the versioned model store.")
+    data_dir: Path = Field(REPO_ROOT / "data", description="Folder holding the labelled corpora.")
+    reload_interval_seconds: PositiveFloat = Field(
+        2.0, description="How often each worker checks the store's current pointer for a new version."
+    )
+
+    # Serving
+    host: str = Field("127.0.0.1", description="Address gunicorn binds to (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=0, le=65535, description="Port gunicorn binds to.")
+    workers: PositiveInt = Field(2, description="Number of gunicorn worker processes.")
+    worker_timeout_seconds: PositiveInt = Field(30, description="gunicorn worker timeout.")
+    graceful_timeout_seconds: PositiveInt = Field(20, description="Time a worker gets to finish on SIGTERM.")
+    keepalive_seconds: PositiveInt = Field(5, description="HTTP keep-alive timeout.")
+    inference_max_batch: PositiveInt = Field(
+        128, description="Most texts one model call handles when concurrent requests are batched together."
+    )
+
+    # Input limits
+    max_text_chars: PositiveInt = Field(5000, description="Longest accepted text, in characters.")
+    max_batch_size: PositiveInt = Field(256, description="Most texts accepted in one batch request.")
+    max_body_bytes: PositiveInt = Field(1_048_576, description="Largest accepted request body, in bytes.")
+
+    # Logs
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
