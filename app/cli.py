@@ -22,12 +22,20 @@ def _train(registry: ModelRegistry, settings: Settings, args: argparse.Namespace
         print(f"model store {registry.root} already serves {registry.current_version()}; not training")
         return 0
     corpus = CORPORA[args.corpus](settings.data_dir)
-    result = train_and_register(registry, corpus, ModelParams(C=args.C), holdout_fraction=args.holdout_fraction,
-                                cv_folds=args.cv_folds, promote=args.promote)
+    result = train_and_register(
+        registry,
+        corpus,
+        ModelParams(C=args.C),
+        holdout_fraction=args.holdout_fraction,
+        cv_folds=args.cv_folds,
+        promote=args.promote,
+    )
     r = result.report
     print(f"version   {result.version.version}  ({'promoted to current' if result.promoted else 'not promoted'})")
-    print(f"holdout   n={r['n']} accuracy={r['accuracy']:.4f} balanced_accuracy={r['balanced_accuracy']:.4f} "
-          f"f1_macro={r['f1_macro']:.4f} roc_auc={r['roc_auc']:.4f} ece={r['ece']:.4f}")
+    print(
+        f"holdout   n={r['n']} accuracy={r['accuracy']:.4f} balanced_accuracy={r['balanced_accuracy']:.4f} "
+        f"f1_macro={r['f1_macro']:.4f} roc_auc={r['roc_auc']:.4f} ece={r['ece']:.4f}"
+    )
     if "cross_validation" in r:
         cv = r["cross_validation"]
         print(f"cv        {cv['folds']}-fold accuracy {cv['accuracy_mean']:.4f} +/- {cv['accuracy_std']:.4f}")
@@ -42,23 +50,33 @@ def _list(registry: ModelRegistry) -> int:
     for entry in registry.versions():
         metrics = entry.metadata.get("metrics", {})
         mark = "* " if entry.version == current else "  "
-        print(f"{mark}{entry.version:28} {entry.stage:11} {metrics.get('accuracy', float('nan')):8.4f} "
-              f"{metrics.get('ece', float('nan')):6.3f}  {entry.metadata.get('created_at', '')}")
+        print(
+            f"{mark}{entry.version:28} {entry.stage:11} {metrics.get('accuracy', float('nan')):8.4f} "
+            f"{metrics.get('ece', float('nan')):6.3f}  {entry.metadata.get('created_at', '')}"
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     parser = argparse.ArgumentParser(prog="python -m app.cli", description=__doc__)
-    parser.add_argument("--store", type=Path, default=settings.model_store,
-                        help="model store root (default: SENTIMENT_MODEL_STORE or ./model_store)")
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=settings.model_store,
+        help="model store root (default: SENTIMENT_MODEL_STORE or ./model_store)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train, evaluate and register a new version")
     train.add_argument("--corpus", choices=sorted(CORPORA), default="rotten_tomatoes")
     train.add_argument("--cv-folds", type=int, default=0, help="also report k-fold CV accuracy (e.g. 10)")
     train.add_argument("--holdout-fraction", type=float, default=0.15)
-    train.add_argument("--promote", choices=["if-none", "always", "never"], default="if-none",
-                       help="make the new version current: only if none is (default), always, or never")
+    train.add_argument(
+        "--promote",
+        choices=["if-none", "always", "never"],
+        default="if-none",
+        help="make the new version current: only if none is (default), always, or never",
+    )
     train.add_argument("--if-empty", action="store_true", help="do nothing if the store has a current version")
     train.add_argument("--C", type=float, default=ModelParams.C, help="inverse regularisation strength")
     sub.add_parser("list", help="list versions; * marks the current one")

@@ -38,8 +38,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         manager = ModelManager(registry, settings.reload_interval_seconds)
         await asyncio.to_thread(manager.sync)
         if not manager.ready:
-            log.error("model_not_ready", model_store=str(settings.model_store),
-                      hint="train one: python -m app.cli train")
+            log.error(
+                "model_not_ready", model_store=str(settings.model_store), hint="train one: python -m app.cli train"
+            )
         batcher = InferenceBatcher(settings.inference_max_batch)
         batcher.start()
         app.state.settings = settings

@@ -48,8 +48,9 @@ _HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str, details: Any = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """The one shape of every error the API returns."""
     return JSONResponse(
         {"error": {"code": code, "message": message, "details": details}}, status_code=status, headers=headers

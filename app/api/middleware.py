@@ -111,8 +111,11 @@ class RequestContextMiddleware:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
-            413, "payload_too_large", f"request body exceeds {self.max_body_bytes} bytes",
-            {"max_body_bytes": self.max_body_bytes}, headers={"Connection": "close"},
+            413,
+            "payload_too_large",
+            f"request body exceeds {self.max_body_bytes} bytes",
+            {"max_body_bytes": self.max_body_bytes},
+            headers={"Connection": "close"},
         )
         await response(scope, receive, send)
 
@@ -120,5 +123,5 @@ class RequestContextMiddleware:
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
-            return value.decode("latin-1")
+            return bytes(value).decode("latin-1")
     return None

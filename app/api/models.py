@@ -33,8 +33,12 @@ async def list_models(registry: RegistryDep) -> ModelListOut:
     return ModelListOut(current=current, versions=[_out(v, current) for v in registry.versions()])
 
 
-@router.get("/current", response_model=ModelVersionOut, responses={503: {"model": ErrorOut}},
-            summary="The version this worker serves")
+@router.get(
+    "/current",
+    response_model=ModelVersionOut,
+    responses={503: {"model": ErrorOut}},
+    summary="The version this worker serves",
+)
 async def current_model(registry: RegistryDep, models: ModelsDep) -> ModelVersionOut:
     served = models.current
     return _out(registry.get(served.version), registry.current_version())

@@ -3,6 +3,7 @@
 # No "from __future__ import annotations": the request models are local to build_router, and FastAPI
 # must see them as real classes, not strings, to read them from the body.
 from dataclasses import asdict
+from typing import Any
 
 from fastapi import APIRouter, Response
 
@@ -10,7 +11,7 @@ from app.api.deps import JsonBody, PredictorDep
 from app.api.schemas import BatchPredictionOut, ErrorOut, PredictionOut, request_models
 from app.settings import Settings
 
-_ERRORS = {status: {"model": ErrorOut} for status in (413, 415, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorOut} for status in (413, 415, 422, 503)}
 
 
 def build_router(settings: Settings) -> APIRouter:
@@ -19,13 +20,13 @@ def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[JsonBody], responses=_ERRORS)
 
     @router.post("/predict", response_model=PredictionOut, summary="Classify one text")
-    async def predict(body: PredictRequest, predictor: PredictorDep, response: Response) -> dict:  # type: ignore[valid-type]
+    async def predict(body: PredictRequest, predictor: PredictorDep, response: Response) -> dict[str, Any]:  # type: ignore[valid-type]
         (prediction,) = await predictor.predict([body.text])  # type: ignore[attr-defined]
         response.headers["X-Model-Version"] = prediction.model_version
         return asdict(prediction)
 
     @router.post("/predict/batch", response_model=BatchPredictionOut, summary="Classify several texts")
-    async def predict_batch(body: BatchPredictRequest, predictor: PredictorDep, response: Response) -> dict:  # type: ignore[valid-type]
+    async def predict_batch(body: BatchPredictRequest, predictor: PredictorDep, response: Response) -> dict[str, Any]:  # type: ignore[valid-type]
         predictions = await predictor.predict(body.texts)  # type: ignore[attr-defined]
         version = predictions[0].model_version
         response.headers["X-Model-Version"] = version

@@ -34,7 +34,7 @@ def request_models(max_chars: int, max_batch: int) -> tuple[type[BaseModel], typ
             extra="forbid",
             json_schema_extra={"examples": [{"text": "A gripping, beautifully acted film."}]},
         )
-        text: Text
+        text: Text  # type: ignore[valid-type]  # built from settings at runtime
 
     class BatchPredictRequest(BaseModel):
         """Up to the configured number of texts to classify in one call."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,13 +29,13 @@ class Corpus:
 
     name: str
     texts: list[str]
-    labels: np.ndarray
+    labels: NDArray[np.int64]
     fingerprint: str
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, index: Sequence[int] | np.ndarray, name: str | None = None) -> Corpus:
+    def subset(self, index: Sequence[int] | NDArray[np.int64], name: str | None = None) -> Corpus:
         """Rows at ``index`` as a new corpus whose fingerprint covers exactly those rows."""
         idx = np.asarray(index, dtype=np.int64)
         texts = [self.texts[i] for i in idx]
@@ -42,7 +43,7 @@ class Corpus:
         return Corpus(name or self.name, texts, labels, fingerprint_rows(texts, labels))
 
 
-def fingerprint_rows(texts: Sequence[str], labels: np.ndarray) -> str:
+def fingerprint_rows(texts: Sequence[str], labels: NDArray[np.int64]) -> str:
     """sha256 over every (label, text) row in order: changes whenever the training data does."""
     digest = hashlib.sha256()
     for text, label in zip(texts, labels, strict=True):
@@ -61,6 +62,7 @@ def _corpus(name: str, frame: pd.DataFrame) -> Corpus:
 def load_rotten_tomatoes(data_dir: Path = DATA_DIR) -> Corpus:
     """Rotten Tomatoes critic snippets: ``fresh`` positive, ``rotten`` negative; plot synopses dropped."""
     import pandas as pd  # only training needs pandas; web workers import LABELS from here
+
     frame = pd.read_csv(data_dir / ROTTEN_TOMATOES, usecols=["category", "text"])
     frame = frame[frame["category"].isin(["fresh", "rotten"])]
     frame = frame.assign(label=(frame["category"] == "fresh").astype(np.int64))
@@ -70,6 +72,7 @@ def load_rotten_tomatoes(data_dir: Path = DATA_DIR) -> Corpus:
 def load_tweets(data_dir: Path = DATA_DIR) -> Corpus:
     """CrowdFlower tweets labelled positive or negative (neutral ones dropped)."""
     import pandas as pd  # only training needs pandas; web workers import LABELS from here
+
     frame = pd.read_csv(data_dir / TWEETS, encoding="latin-1", usecols=["sentiment", "text"])
     frame = frame[frame["sentiment"].isin(LABELS)]
     frame = frame.assign(label=(frame["sentiment"] == "positive").astype(np.int64))
@@ -79,6 +82,7 @@ def load_tweets(data_dir: Path = DATA_DIR) -> Corpus:
 def load_clothing(data_dir: Path = DATA_DIR) -> Corpus:
     """Women's clothing reviews: ratings 1-2 negative, 4-5 positive, 3 dropped."""
     import pandas as pd  # only training needs pandas; web workers import LABELS from here
+
     frame = pd.read_parquet(data_dir / CLOTHING, columns=["Review Text", "Rating"])
     frame = frame.rename(columns={"Review Text": "text"})
     frame = frame[frame["Rating"] != 3]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -17,7 +18,7 @@ from sklearn.metrics import (
 from app.ml.data import LABELS
 
 
-def expected_calibration_error(labels: np.ndarray, proba_positive: np.ndarray, bins: int = 15) -> float:
+def expected_calibration_error(labels: NDArray[np.int64], proba_positive: NDArray[np.float64], bins: int = 15) -> float:
     """Top-label ECE: confidence-weighted gap between stated confidence and observed accuracy.
 
     Predictions are grouped by their confidence (the larger of the two class probabilities) into equal-width
@@ -36,7 +37,9 @@ def expected_calibration_error(labels: np.ndarray, proba_positive: np.ndarray, b
     return float(ece)
 
 
-def reliability_table(labels: np.ndarray, proba_positive: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+def reliability_table(
+    labels: NDArray[np.int64], proba_positive: NDArray[np.float64], bins: int = 10
+) -> list[dict[str, float]]:
     """Per confidence bin: its range, count, mean confidence and accuracy (the reliability diagram's data)."""
     predicted = (proba_positive >= 0.5).astype(np.int64)
     confidence = np.where(predicted == 1, proba_positive, 1.0 - proba_positive)
@@ -58,12 +61,12 @@ def reliability_table(labels: np.ndarray, proba_positive: np.ndarray, bins: int 
     return rows
 
 
-def classification_report(labels: np.ndarray, proba_positive: np.ndarray) -> dict[str, Any]:
+def classification_report(labels: NDArray[np.int64], proba_positive: NDArray[np.float64]) -> dict[str, Any]:
     """Every figure the model report and the promotion gate use, from true labels and P(positive)."""
     predicted = (proba_positive >= 0.5).astype(np.int64)
     both_classes = len(np.unique(labels)) == 2
     return {
-        "n": int(len(labels)),
+        "n": len(labels),
         "accuracy": float(accuracy_score(labels, predicted)),
         "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
         "f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0)),
@@ -91,8 +94,14 @@ def plot_confusion_matrix(report: dict[str, Any], path: Path, title: str) -> Non
     ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, f"{int(matrix[i, j])}\n{shares[i, j]:.1%}", ha="center", va="center",
-                    color="white" if shares[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(matrix[i, j])}\n{shares[i, j]:.1%}",
+                ha="center",
+                va="center",
+                color="white" if shares[i, j] > 0.5 else "black",
+            )
     ax.set_xticks([0, 1], LABELS)
     ax.set_yticks([0, 1], LABELS)
     ax.set_xlabel("predicted")
@@ -113,8 +122,7 @@ def plot_reliability(report: dict[str, Any], path: Path, title: str) -> None:
     rows = [r for r in report["reliability"] if r["count"]]
     centers = [(r["low"] + r["high"]) / 2 for r in rows]
     width = rows[0]["high"] - rows[0]["low"] if rows else 0.05
-    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5, 5.5), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.bar(centers, [r["accuracy"] for r in rows], width=width * 0.9, color="#4c72b0", label="accuracy")
     ax.plot([0.5, 1], [0.5, 1], "k--", label="perfect calibration")
     ax.plot(centers, [r["confidence"] for r in rows], "o", color="#dd8452", label="mean confidence")

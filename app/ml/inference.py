@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import structlog
+from numpy.typing import NDArray
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -33,7 +34,7 @@ class _Block:
 
     analyzer: Callable[[str], list[str]]
     vocabulary: dict[str, int]
-    idf: np.ndarray
+    idf: NDArray[np.float64]
     sublinear_tf: bool
     offset: int
 
@@ -41,19 +42,25 @@ class _Block:
 class CompiledModel:
     """``predict_proba`` of a (TF-IDF union -> sigmoid-calibrated logistic regression) pipeline."""
 
-    def __init__(self, blocks: list[_Block], weights: np.ndarray, bias: np.ndarray,
-                 cal_a: np.ndarray | None, cal_b: np.ndarray | None) -> None:
+    def __init__(
+        self,
+        blocks: list[_Block],
+        weights: NDArray[np.float64],
+        bias: NDArray[np.float64],
+        cal_a: NDArray[np.float64] | None,
+        cal_b: NDArray[np.float64] | None,
+    ) -> None:
         self.blocks = blocks
         self.weights = weights  # (n_features, n_members)
         self.bias = bias  # (n_members,)
         self.cal_a = cal_a
         self.cal_b = cal_b
 
-    def _features(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _features(self, texts: Sequence[str]) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64]]:
         """Sparse rows of the feature union as (row, column, value) arrays, each block l2-normalised."""
-        rows: list[np.ndarray] = []
-        cols: list[np.ndarray] = []
-        vals: list[np.ndarray] = []
+        rows: list[NDArray[np.int64]] = []
+        cols: list[NDArray[np.int64]] = []
+        vals: list[NDArray[np.float64]] = []
         for block in self.blocks:
             row_ids: list[int] = []
             col_ids: list[int] = []
@@ -81,15 +88,18 @@ class CompiledModel:
             vals.append(value / norm[row])
         return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+    def predict_proba(self, texts: Sequence[str]) -> NDArray[np.float64]:
         """Rows of (P(negative), P(positive)), as the pipeline's ``predict_proba`` would return them."""
         n = len(texts)
         row, col, value = self._features(texts)
         contributions = self.weights[col] * value[:, None]
-        scores = np.stack(
-            [np.bincount(row, weights=contributions[:, k], minlength=n) for k in range(self.weights.shape[1])],
-            axis=1,
-        ) + self.bias
+        scores = (
+            np.stack(
+                [np.bincount(row, weights=contributions[:, k], minlength=n) for k in range(self.weights.shape[1])],
+                axis=1,
+            )
+            + self.bias
+        )
         if self.cal_a is not None and self.cal_b is not None:
             positive = (1.0 / (1.0 + np.exp(self.cal_a * scores + self.cal_b))).mean(axis=1)
         else:
@@ -105,8 +115,15 @@ def _blocks(features: Any) -> list[_Block] | None:
     for vec in vectorizers:
         if not isinstance(vec, TfidfVectorizer) or vec.norm != "l2" or not vec.use_idf or vec.binary:
             return None
-        blocks.append(_Block(vec.build_analyzer(), vec.vocabulary_, np.asarray(vec.idf_, dtype=np.float64),
-                             bool(vec.sublinear_tf), offset))
+        blocks.append(
+            _Block(
+                vec.build_analyzer(),
+                vec.vocabulary_,
+                np.asarray(vec.idf_, dtype=np.float64),
+                bool(vec.sublinear_tf),
+                offset,
+            )
+        )
         offset += len(vec.vocabulary_)
     return blocks
 
@@ -133,8 +150,13 @@ def compile_pipeline(pipeline: Any, probe_texts: Sequence[str]) -> CompiledModel
         cal_b = np.array([m.calibrators[0].b_ for m in members], dtype=np.float64)
         compiled = CompiledModel(blocks, weights, bias, cal_a, cal_b)
     elif isinstance(classifier, LogisticRegression):
-        compiled = CompiledModel(blocks, classifier.coef_[0][:, None].astype(np.float64),
-                                 classifier.intercept_.astype(np.float64), None, None)
+        compiled = CompiledModel(
+            blocks,
+            classifier.coef_[0][:, None].astype(np.float64),
+            classifier.intercept_.astype(np.float64),
+            None,
+            None,
+        )
     else:
         return None
     if compiled.weights.shape[0] != sum(len(b.vocabulary) for b in blocks):

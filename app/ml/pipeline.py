@@ -43,9 +43,7 @@ def build_pipeline(params: ModelParams | None = None) -> Pipeline:
         [
             (
                 "words",
-                TfidfVectorizer(
-                    analyzer=WordAnalyzer(params.word_ngram_range), sublinear_tf=True, dtype=np.float32
-                ),
+                TfidfVectorizer(analyzer=WordAnalyzer(params.word_ngram_range), sublinear_tf=True, dtype=np.float32),
             ),
             (
                 "chars",

@@ -30,7 +30,7 @@ _TOKENIZER = RegexpTokenizer(
 @lru_cache(maxsize=200_000)
 def _stem(token: str) -> str:
     # Stemming is the costliest step per token; vocabularies are Zipfian, so a cache hits almost always.
-    return _STEMMER.stem(token)
+    return str(_STEMMER.stem(token))
 
 
 def normalize(text: str) -> str:

@@ -93,10 +93,9 @@ def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        Path(tmp).replace(path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -202,7 +201,7 @@ class ModelRegistry:
             }
             _write_json_atomic(staging / METADATA, record)
             staging.chmod(0o755)
-            os.rename(staging, final)
+            staging.rename(final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -221,7 +220,7 @@ class ModelRegistry:
                 raise ModelStoreError(f"{version} was rejected by the promotion gate; it cannot be promoted")
             self.verify(entry)
             pointer = self._pointer()
-            previous = pointer["version"]
+            previous: str | None = pointer["version"]
             if previous == version:
                 return previous
             history = [*pointer["history"], previous] if previous else pointer["history"]

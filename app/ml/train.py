@@ -7,17 +7,20 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
 import joblib
 import numpy as np
 import structlog
+from joblib import Parallel, delayed
+from numpy.typing import NDArray
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm import tqdm
 
-from app.ml.data import CORPORA, Corpus
+from app.ml.data import Corpus
 from app.ml.evaluate import classification_report, plot_confusion_matrix, plot_reliability
 from app.ml.pipeline import ModelParams, build_pipeline
 from app.ml.registry import MODEL_ARTIFACT, REFERENCE_ARTIFACT, ModelRegistry, ModelVersion
@@ -39,8 +42,6 @@ class TrainingResult:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries a persisted pipeline depends on (unpickling needs the same ones)."""
-    from importlib.metadata import version
-
     return {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}}
 
 
@@ -55,12 +56,10 @@ def split_holdout(corpus: Corpus, fraction: float, seed: int) -> tuple[Corpus, C
 
 def cross_validate(corpus: Corpus, params: ModelParams, folds: int, progress: bool = True) -> dict[str, Any]:
     """Stratified k-fold accuracy of :func:`build_pipeline` on the whole corpus (2 folds at a time)."""
-    from joblib import Parallel, delayed
-
     splitter = StratifiedKFold(folds, shuffle=True, random_state=params.random_state)
     texts = np.asarray(corpus.texts, dtype=object)
 
-    def fold_accuracy(train: np.ndarray, test: np.ndarray) -> float:
+    def fold_accuracy(train: NDArray[np.int64], test: NDArray[np.int64]) -> float:
         model = clone(build_pipeline(params)).fit(list(texts[train]), corpus.labels[train])
         return float((model.predict(list(texts[test])) == corpus.labels[test]).mean())
 
@@ -70,12 +69,19 @@ def cross_validate(corpus: Corpus, params: ModelParams, folds: int, progress: bo
         for score in Parallel(n_jobs=2, return_as="generator_unordered")(jobs):
             scores.append(score)
             bar.update()
-    return {"folds": folds, "accuracy_mean": float(np.mean(scores)), "accuracy_std": float(np.std(scores)),
-            "accuracy_per_fold": sorted(scores)}
+    return {
+        "folds": folds,
+        "accuracy_mean": float(np.mean(scores)),
+        "accuracy_std": float(np.std(scores)),
+        "accuracy_per_fold": sorted(scores),
+    }
 
 
 def _write_json(payload: dict[str, Any]) -> Callable[[Path], None]:
-    return lambda path: path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+    return write
 
 
 def train_and_register(
@@ -146,6 +152,12 @@ def train_and_register(
     promoted = promote == "always" or (promote == "if-none" and registry.current_version() is None)
     if promoted:
         registry.promote(version.version)
-    log.info("model_trained", model_version=version.version, accuracy=report["accuracy"], ece=report["ece"],
-             promoted=promoted, seconds=metadata["training_seconds"])
+    log.info(
+        "model_trained",
+        model_version=version.version,
+        accuracy=report["accuracy"],
+        ece=report["ece"],
+        promoted=promoted,
+        seconds=metadata["training_seconds"],
+    )
     return TrainingResult(registry.get(version.version), report, promoted)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
+from numpy.typing import NDArray
 
 from app.serving.models import ServedModel
 
@@ -23,7 +24,7 @@ log = structlog.get_logger(__name__)
 class _Pending:
     model: ServedModel
     texts: list[str]
-    future: asyncio.Future[np.ndarray] = field(repr=False)
+    future: asyncio.Future[NDArray[np.float64]] = field(repr=False)
 
 
 class InferenceBatcher:
@@ -55,11 +56,11 @@ class InferenceBatcher:
                 await self._task
             self._task = None
 
-    async def predict_proba(self, model: ServedModel, texts: list[str]) -> np.ndarray:
+    async def predict_proba(self, model: ServedModel, texts: list[str]) -> NDArray[np.float64]:
         """Class probabilities for ``texts`` from ``model`` (rows in order; columns negative, positive)."""
         if self._task is None:
             raise RuntimeError("InferenceBatcher.start() was not called")
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[NDArray[np.float64]] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(model, texts, future))
         return await future
 
@@ -73,7 +74,7 @@ class InferenceBatcher:
             size += len(nxt.texts)
         return batch
 
-    async def _predict_chunked(self, model: ServedModel, texts: list[str]) -> np.ndarray:
+    async def _predict_chunked(self, model: ServedModel, texts: list[str]) -> NDArray[np.float64]:
         if len(texts) <= self.max_batch:
             return model.predict_proba(texts)
         parts = []

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import structlog
+from numpy.typing import NDArray
 
 from app.errors import ModelNotReadyError, SentimentServiceError
 from app.ml.inference import compile_pipeline
@@ -28,7 +29,7 @@ class ServedModel:
 
     version: str
     metadata: dict[str, Any]
-    predict_proba: Callable[[Sequence[str]], np.ndarray]
+    predict_proba: Callable[[Sequence[str]], NDArray[np.float64]]
     compiled: bool
     loaded: LoadedModel
 
