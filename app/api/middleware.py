@@ -25,7 +25,8 @@ class RequestContextMiddleware:
     - ``X-Request-ID`` is taken from the client when it is a sane token, generated otherwise, bound to
       every log line of the request and echoed on the response.
     - A body over ``max_body_bytes`` is refused with 413 while it is read (``Content-Length`` or chunked),
-      so a worker never holds more than the cap in memory for one request.
+      so a worker never holds more than the cap in memory for one request; one that is not UTF-8 (so
+      not JSON) gets 422.
     - One ``request`` log line: method, route template, status, latency, model version. Never the body.
     - An unhandled exception becomes a JSON 500 without a traceback (the traceback goes to the log).
     """
@@ -98,6 +99,13 @@ class RequestContextMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        try:
+            body.decode("utf-8")  # JSON is UTF-8; FastAPI would answer a bare 400 for anything else
+        except UnicodeDecodeError as exc:
+            await error_response(422, "malformed_json", "request body is not valid UTF-8", {"position": exc.start})(
+                scope, receive, send
+            )
+            return None
         sent = False
 
         async def replay() -> Message:

@@ -42,3 +42,13 @@ async def list_models(registry: RegistryDep) -> ModelListOut:
 async def current_model(registry: RegistryDep, models: ModelsDep) -> ModelVersionOut:
     served = models.current
     return _out(registry.get(served.version), registry.current_version())
+
+
+@router.get(
+    "/{version}",
+    response_model=ModelVersionOut,
+    responses={404: {"model": ErrorOut}},
+    summary="One registered model version",
+)
+async def get_model(version: str, registry: RegistryDep) -> ModelVersionOut:
+    return _out(registry.get(version), registry.current_version())

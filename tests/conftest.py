@@ -1,0 +1,95 @@
+"""Shared fixtures: real small models trained on real Rotten Tomatoes rows, and clean global state."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import structlog
+
+from app.ml.data import Corpus, load_rotten_tomatoes
+from app.ml.pipeline import ModelParams
+from app.ml.registry import ModelRegistry
+from app.ml.train import TrainingResult, train_and_register
+from app.settings import Settings
+
+# Small enough to train in about a second, large enough to be a real model (~75 % accuracy).
+SMALL_ROWS = 3000
+SMALL_PARAMS = ModelParams(calibration_folds=3)
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Each test starts from structlog's defaults, whatever an earlier test configured."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session")
+def rotten_tomatoes() -> Corpus:
+    return load_rotten_tomatoes()
+
+
+@pytest.fixture(scope="session")
+def small_corpus(rotten_tomatoes: Corpus) -> Corpus:
+    """A fixed, stratified-by-chance sample of the real corpus."""
+    rng = np.random.default_rng(0)
+    index = np.sort(rng.choice(len(rotten_tomatoes), SMALL_ROWS, replace=False))
+    return rotten_tomatoes.subset(index, "rotten_tomatoes_sample")
+
+
+@pytest.fixture(scope="session")
+def _session_store(tmp_path_factory: pytest.TempPathFactory, small_corpus: Corpus) -> tuple[Path, list[str]]:
+    """A store with two trained versions; the first is current. Copied per test, never changed."""
+    root = tmp_path_factory.mktemp("store")
+    registry = ModelRegistry(root)
+    first = train_and_register(registry, small_corpus, SMALL_PARAMS, progress=False)
+    second = train_and_register(
+        registry, small_corpus, ModelParams(C=2.0, calibration_folds=3), promote="never", progress=False
+    )
+    return root, [first.version.version, second.version.version]
+
+
+@pytest.fixture
+def store(tmp_path: Path, _session_store: tuple[Path, list[str]]) -> ModelRegistry:
+    """A private copy of the two-version store: tests may promote, roll back or tamper with it."""
+    root = tmp_path / "model_store"
+    shutil.copytree(_session_store[0], root)
+    return ModelRegistry(root)
+
+
+@pytest.fixture
+def versions(_session_store: tuple[Path, list[str]]) -> list[str]:
+    """Names of the store's versions: [current, candidate]."""
+    return list(_session_store[1])
+
+
+@pytest.fixture
+def settings(store: ModelRegistry) -> Settings:
+    return Settings(model_store=store.root, reload_interval_seconds=0.1)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, small_corpus: Corpus) -> TrainingResult:
+    """One training run to inspect (its store is private to this fixture)."""
+    registry = ModelRegistry(tmp_path_factory.mktemp("trained"))
+    return train_and_register(registry, small_corpus, SMALL_PARAMS, progress=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def empty_store(tmp_path: Path) -> ModelRegistry:
+    root = tmp_path / "empty_store"
+    root.mkdir()
+    return ModelRegistry(root)

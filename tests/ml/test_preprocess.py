@@ -1,0 +1,37 @@
+"""Preprocessing: tokens, negation scope, normalisation, and an analyzer that survives persistence."""
+
+from __future__ import annotations
+
+import joblib
+import pytest
+
+from app.ml.preprocess import WordAnalyzer, normalize, tokenize
+
+
+def test_negation_marks_tokens_until_clause_punctuation() -> None:
+    assert tokenize("I didn't like it. Great ending") == ["i", "didn't", "like_NEG", "it_NEG", ".", "great", "end"]
+
+
+def test_negation_scope_also_ends_at_each_exclamation_mark() -> None:
+    assert tokenize("not good!! fun") == ["not", "good_NEG", "!", "!", "fun"]
+
+
+def test_urls_and_handles_become_placeholders_and_elongations_shrink() -> None:
+    assert normalize("SO Goooooood @critic_99 https://t.co/xyz") == "so goood  @user   http "
+    assert tokenize("@bob sooooo good :)") == ["@user", "sooo", "good", ":)"]
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_empty_text_gives_no_tokens(text: str) -> None:
+    assert tokenize(text) == []
+
+
+def test_word_analyzer_emits_unigrams_then_bigrams() -> None:
+    assert WordAnalyzer((1, 2))("bad film") == ["bad", "film", "bad film"]
+
+
+def test_word_analyzer_round_trips_through_joblib(tmp_path) -> None:
+    path = tmp_path / "analyzer.joblib"
+    joblib.dump(WordAnalyzer((1, 3)), path)
+    restored = joblib.load(path)
+    assert restored("not a good movie") == WordAnalyzer((1, 3))("not a good movie")

@@ -1,0 +1,52 @@
+"""The worker's model: loaded verified, swapped when the pointer moves, kept when a new one is bad."""
+
+from __future__ import annotations
+
+import pytest
+from structlog.testing import capture_logs
+
+from app.errors import ModelNotReadyError
+from app.ml.registry import MODEL_ARTIFACT, ModelRegistry
+from app.serving.models import ModelManager
+
+
+def test_sync_loads_the_current_version_through_the_compiled_path(store: ModelRegistry, versions: list[str]) -> None:
+    manager = ModelManager(store, reload_interval=1)
+    assert not manager.ready
+    assert manager.sync() is True
+    assert manager.current.version == versions[0] and manager.current.compiled
+    assert manager.sync() is False  # nothing changed
+
+
+def test_sync_follows_promote_and_rollback(store: ModelRegistry, versions: list[str]) -> None:
+    manager = ModelManager(store, reload_interval=1)
+    manager.sync()
+    store.promote(versions[1])
+    with capture_logs() as logs:
+        assert manager.sync() is True
+    assert manager.current.version == versions[1]
+    assert logs[-1]["event"] == "model_swapped" and logs[-1]["previous_version"] == versions[0]
+    store.rollback()
+    manager.sync()
+    assert manager.current.version == versions[0]
+
+
+def test_a_version_that_fails_verification_is_never_served(store: ModelRegistry, versions: list[str]) -> None:
+    manager = ModelManager(store, reload_interval=1)
+    manager.sync()
+    store.promote(versions[1])
+    artifact = store.root / versions[1] / MODEL_ARTIFACT
+    artifact.chmod(0o644)
+    artifact.write_bytes(artifact.read_bytes()[:-10])
+    with capture_logs() as logs:
+        assert manager.sync() is False
+    assert manager.current.version == versions[0]
+    assert [e["event"] for e in logs][-1] == "model_load_failed"
+
+
+def test_no_model_means_not_ready(empty_store: ModelRegistry) -> None:
+    manager = ModelManager(empty_store, reload_interval=1)
+    manager.sync()
+    assert not manager.ready
+    with pytest.raises(ModelNotReadyError):
+        _ = manager.current
