@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import logging.config
+import os
 from typing import Any
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+
+def _add_pid(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """Which process wrote the line: gunicorn workers, the master and the monitors share one stdout."""
+    event["pid"] = os.getpid()
+    return event
+
 
 _SHARED: list[structlog.types.Processor] = [
     structlog.contextvars.merge_contextvars,
+    _add_pid,
     structlog.processors.add_log_level,
     structlog.stdlib.add_logger_name,
     structlog.processors.TimeStamper(fmt="iso", utc=True),

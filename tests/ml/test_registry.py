@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -94,7 +93,7 @@ def test_unknown_or_unsafe_version_names_are_not_found(store: ModelRegistry, nam
 
 
 def test_failed_registration_leaves_no_version_behind(store: ModelRegistry) -> None:
-    before = sorted(os.listdir(store.root))
+    before = sorted(store.root.iterdir())
 
     def crash(path: Path) -> None:
         path.write_bytes(b"half an artifact")
@@ -102,7 +101,7 @@ def test_failed_registration_leaves_no_version_behind(store: ModelRegistry) -> N
 
     with pytest.raises(RuntimeError, match="disk full"):
         store.register({MODEL_ARTIFACT: crash}, {"metrics": {}})
-    assert sorted(os.listdir(store.root)) == before
+    assert sorted(store.root.iterdir()) == before
 
 
 def test_versions_lists_registered_folders_only(store: ModelRegistry, versions: list[str]) -> None:

@@ -1,0 +1,107 @@
+"""Start and stop the real service: gunicorn with its config file, on a free loopback port.
+
+Shared by the integration tests and the benchmarks in ``bench/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx
+
+from app.ml.registry import ModelRegistry
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Service:
+    """A running gunicorn: its URL, process, and the JSON lines it logged so far."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(repr=False)
+    log_handle: BinaryIO | None = field(default=None, repr=False)
+
+    def logs(self) -> list[dict[str, object]]:
+        lines = []
+        for raw in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                continue
+        return lines
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the gunicorn workers (children of the master)."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.log_handle is not None:
+                self.log_handle.close()
+
+
+def start_service(
+    store: ModelRegistry | None,
+    log_path: Path,
+    workers: int = 2,
+    app: str = "app.main:create_app()",
+    **env: str,
+) -> Service:
+    """Start gunicorn serving ``app`` and return once every worker is ready (loaded its model)."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "SENTIMENT_PORT": str(port),
+        "SENTIMENT_WORKERS": str(workers),
+        "SENTIMENT_RELOAD_INTERVAL_SECONDS": "0.5",
+        "PYTHONUNBUFFERED": "1",
+        **env,
+    }
+    if store is not None:
+        environment["SENTIMENT_MODEL_STORE"] = str(store.root)
+    handle = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn_conf.py", app],
+        cwd=REPO,
+        env=environment,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+    )
+    service = Service(f"http://127.0.0.1:{port}", process, log_path, environment, handle)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            handle.close()
+            raise RuntimeError(f"gunicorn exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if store is None:
+                booted = [e for e in service.logs() if str(e.get("event", "")).startswith("Application startup")]
+                if len(booted) >= workers:
+                    return service
+            elif httpx.get(f"{service.url}/readyz", timeout=1).status_code == 200:
+                # Every worker must have loaded the model, not only the first to answer.
+                swapped = [e for e in service.logs() if e.get("event") == "model_swapped"]
+                if len({e["pid"] for e in swapped}) >= workers:
+                    return service
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    service.stop()
+    raise RuntimeError(f"gunicorn did not become ready: {log_path.read_text()[-2000:]}")
