@@ -46,8 +46,10 @@ def dict_config(level: str = "info") -> dict[str, Any]:
         },
         "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
         "root": {"handlers": ["json"], "level": level.upper()},
+        # uvicorn_worker copies gunicorn.error's handlers onto uvicorn.error and stops propagation, so
+        # these loggers carry the JSON handler themselves rather than relying on the root logger.
         "loggers": {
-            name: {"handlers": [], "propagate": True, "level": level.upper()}
+            name: {"handlers": ["json"], "propagate": False, "level": level.upper()}
             for name in ("gunicorn.error", "uvicorn", "uvicorn.error")
         }
         # The access log would repeat the request line our middleware writes, with less in it.

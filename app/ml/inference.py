@@ -10,6 +10,7 @@ probe texts, so the served numbers are the pipeline's numbers.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,14 +68,13 @@ class CompiledModel:
             counts: list[int] = []
             vocab = block.vocabulary
             for r, text in enumerate(texts):
-                seen: dict[int, int] = {}
-                for term in block.analyzer(text):
+                # Counter counts in C; only distinct terms then go through the vocabulary lookup.
+                for term, count in Counter(block.analyzer(text)).items():
                     j = vocab.get(term)
                     if j is not None:
-                        seen[j] = seen.get(j, 0) + 1
-                row_ids.extend([r] * len(seen))
-                col_ids.extend(seen.keys())
-                counts.extend(seen.values())
+                        row_ids.append(r)
+                        col_ids.append(j)
+                        counts.append(count)
             row = np.asarray(row_ids, dtype=np.int64)
             col = np.asarray(col_ids, dtype=np.int64)
             tf = np.asarray(counts, dtype=np.float64)
