@@ -56,3 +56,21 @@ class UnsupportedMediaTypeError(SentimentServiceError):
     """The request body is not JSON."""
 
     code = "unsupported_media_type"
+
+
+class PredictionNotFoundError(SentimentServiceError):
+    """No logged prediction has this id."""
+
+    code = "prediction_not_found"
+
+
+class FeedbackConflictError(SentimentServiceError):
+    """The prediction already carries a different label."""
+
+    code = "feedback_conflict"
+
+
+class StorageUnavailableError(SentimentServiceError):
+    """The prediction log cannot be reached right now."""
+
+    code = "storage_unavailable"

@@ -6,8 +6,10 @@ Values come from the same ``SENTIMENT_*`` settings as the app.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from app.logs import configure_structlog, dict_config
+from app.monitoring.metrics import mark_process_dead
 from app.settings import Settings
 
 _settings = Settings()
@@ -38,3 +40,8 @@ control_socket_disable = True
 sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
 
 configure_structlog()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker exited (normally or killed): drop its live gauges; its counters stay in the totals."""
+    mark_process_dead(worker.pid)

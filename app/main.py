@@ -8,11 +8,15 @@ from collections.abc import AsyncIterator
 
 import structlog
 from fastapi import FastAPI
+from sqlalchemy.exc import SQLAlchemyError
 
-from app.api import health, models, predict
+from app.api import health, models, monitoring, predict
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.ml.registry import ModelRegistry
+from app.monitoring.feedback import FeedbackService
+from app.monitoring.prediction_log import PredictionLog, PredictionRecorder
+from app.monitoring.status import DriftStatus
 from app.serving.batcher import InferenceBatcher
 from app.serving.models import ModelManager
 from app.serving.predictor import Predictor
@@ -41,20 +45,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error(
                 "model_not_ready", model_store=str(settings.model_store), hint="train one: python -m app.cli train"
             )
-        batcher = InferenceBatcher(settings.inference_max_batch)
-        batcher.start()
+        store = PredictionLog(settings.prediction_log_url)
+        try:
+            await asyncio.to_thread(store.create_tables)
+        except SQLAlchemyError as exc:  # predictions are served anyway; the recorder keeps retrying
+            log.error("prediction_log_unavailable", reason=type(exc).__name__)
+        recorder = PredictionRecorder(store, settings.prediction_log_flush_seconds, settings.prediction_log_max_buffer)
+        batcher = InferenceBatcher(settings.inference_max_batch, measure=settings.monitoring_enabled)
+        drift_status = DriftStatus(store, settings.drift_status_refresh_seconds)
         app.state.settings = settings
         app.state.registry = registry
         app.state.models = manager
-        app.state.predictor = Predictor(manager, batcher)
-        watcher = asyncio.create_task(manager.watch(), name="model-watcher")
+        app.state.prediction_log = store
+        app.state.drift_status = drift_status
+        app.state.feedback = FeedbackService(store, recorder, settings.live_accuracy_window)
+        app.state.predictor = Predictor(manager, batcher, recorder if settings.monitoring_enabled else None)
+        batcher.start()
+        recorder.start()
+        tasks = [
+            asyncio.create_task(manager.watch(), name="model-watcher"),
+            asyncio.create_task(drift_status.watch(), name="drift-status"),
+        ]
         try:
             yield
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await batcher.stop()
+            await recorder.close()  # graceful shutdown: buffered predictions reach the log
+            store.dispose()
 
     app = FastAPI(
         title="Sentiment service",
@@ -65,6 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(predict.build_router(settings))
     app.include_router(models.router)
+    app.include_router(monitoring.router)
     app.include_router(health.router)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, measure=settings.monitoring_enabled
+    )
     return app

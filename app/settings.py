@@ -16,6 +16,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SENTIMENT_", extra="ignore", frozen=True)
 
+    @property
+    def prediction_log_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'predictions.db'}"
+
     # Model store and data
     model_store: Path = Field(REPO_ROOT / "model_store", description="Root of the versioned model store.")
     data_dir: Path = Field(REPO_ROOT / "data", description="Folder holding the labelled corpora.")
@@ -38,6 +42,36 @@ class Settings(BaseSettings):
     max_text_chars: PositiveInt = Field(5000, description="Longest accepted text, in characters.")
     max_batch_size: PositiveInt = Field(256, description="Most texts accepted in one batch request.")
     max_body_bytes: PositiveInt = Field(1_048_576, description="Largest accepted request body, in bytes.")
+
+    # Monitoring: prediction log, metrics, feedback
+    state_dir: Path = Field(REPO_ROOT / "var", description="Folder for the default SQLite prediction log.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the prediction log; default sqlite:///<state_dir>/predictions.db."
+    )
+    monitoring_enabled: bool = Field(True, description="Record metrics and log predictions (off only to benchmark).")
+    prediction_log_flush_seconds: PositiveFloat = Field(
+        0.5, description="How often each worker writes its buffered predictions to the log."
+    )
+    prediction_log_max_buffer: PositiveInt = Field(
+        50_000, description="Most unwritten predictions a worker keeps while the database is unavailable."
+    )
+    retention_max_rows: PositiveInt = Field(1_000_000, description="Most unlabelled predictions kept.")
+    retention_max_age_hours: PositiveFloat = Field(168.0, description="Oldest unlabelled prediction kept.")
+    live_accuracy_window: PositiveInt = Field(500, description="Labelled predictions behind sentiment_live_accuracy.")
+
+    # Drift monitor
+    drift_window_size: PositiveInt = Field(500, description="Latest predictions tested against the reference.")
+    drift_check_interval_seconds: PositiveFloat = Field(
+        10.0, description="Longest time between drift checks while new predictions arrive."
+    )
+    drift_check_every_predictions: PositiveInt = Field(
+        100, description="Also check as soon as this many new predictions arrived."
+    )
+    drift_p_value: float = Field(0.05, gt=0, lt=1, description="Family-wise significance of the drift verdict.")
+    drift_permutations: PositiveInt = Field(100, description="Permutations of the MMD test.")
+    drift_status_refresh_seconds: PositiveFloat = Field(
+        1.0, description="How often each worker refreshes the drift summary it adds to predictions."
+    )
 
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

@@ -69,8 +69,15 @@ def versions(_session_store: tuple[Path, list[str]]) -> list[str]:
 
 
 @pytest.fixture
-def settings(store: ModelRegistry) -> Settings:
-    return Settings(model_store=store.root, reload_interval_seconds=0.1)
+def settings(store: ModelRegistry, tmp_path: Path) -> Settings:
+    """The service's settings over the private store, with a private prediction log."""
+    return Settings(
+        model_store=store.root,
+        state_dir=tmp_path / "var",
+        reload_interval_seconds=0.1,
+        prediction_log_flush_seconds=0.05,
+        drift_status_refresh_seconds=0.1,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,9 @@ from fastapi import Depends, Request
 
 from app.errors import UnsupportedMediaTypeError
 from app.ml.registry import ModelRegistry
+from app.monitoring.feedback import FeedbackService
+from app.monitoring.prediction_log import PredictionLog
+from app.monitoring.status import DriftStatus
 from app.serving.models import ModelManager
 from app.serving.predictor import Predictor
 from app.settings import Settings
@@ -42,8 +45,23 @@ async def require_json(request: Request) -> None:
         )
 
 
+async def get_prediction_log(request: Request) -> PredictionLog:
+    return request.app.state.prediction_log  # type: ignore[no-any-return]
+
+
+async def get_drift_status(request: Request) -> DriftStatus:
+    return request.app.state.drift_status  # type: ignore[no-any-return]
+
+
+async def get_feedback(request: Request) -> FeedbackService:
+    return request.app.state.feedback  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 ModelsDep = Annotated[ModelManager, Depends(get_models)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+PredictionLogDep = Annotated[PredictionLog, Depends(get_prediction_log)]
+DriftStatusDep = Annotated[DriftStatus, Depends(get_drift_status)]
+FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
 JsonBody = Depends(require_json)

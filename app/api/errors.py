@@ -12,11 +12,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import (
     ArtifactIntegrityError,
+    FeedbackConflictError,
     InvalidInputError,
     ModelNotReadyError,
     ModelStoreError,
     PayloadTooLargeError,
+    PredictionNotFoundError,
     SentimentServiceError,
+    StorageUnavailableError,
     UnsupportedMediaTypeError,
     VersionNotFoundError,
 )
@@ -28,6 +31,9 @@ STATUS_BY_ERROR: dict[type[SentimentServiceError], int] = {
     PayloadTooLargeError: 413,
     UnsupportedMediaTypeError: 415,
     VersionNotFoundError: 404,
+    PredictionNotFoundError: 404,
+    FeedbackConflictError: 409,
+    StorageUnavailableError: 503,
     ModelNotReadyError: 503,
     ArtifactIntegrityError: 500,
     ModelStoreError: 500,

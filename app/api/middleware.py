@@ -12,6 +12,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
+from app.monitoring.metrics import REQUEST_DURATION
 
 log = structlog.get_logger("app.access")
 
@@ -27,13 +28,15 @@ class RequestContextMiddleware:
     - A body over ``max_body_bytes`` is refused with 413 while it is read (``Content-Length`` or chunked),
       so a worker never holds more than the cap in memory for one request; one that is not UTF-8 (so
       not JSON) gets 422.
-    - One ``request`` log line: method, route template, status, latency, model version. Never the body.
+    - One ``request`` log line (method, route template, status, latency, model version; never the body)
+      and one ``sentiment_request_duration_seconds`` observation.
     - An unhandled exception becomes a JSON 500 without a traceback (the traceback goes to the log).
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, measure: bool = True) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.measure = measure
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,13 +65,17 @@ class RequestContextMiddleware:
                 if state["status"] is None:
                     await error_response(500, "internal_error", "internal server error")(scope, receive, send_with_id)
             finally:
-                route = scope.get("route")
+                elapsed = time.perf_counter() - started
+                # The route template, never the raw path: label values stay few whatever clients send.
+                route = getattr(scope.get("route"), "path", "unmatched")
+                if self.measure:
+                    REQUEST_DURATION.labels(scope["method"], route, str(state["status"])).observe(elapsed)
                 log.info(
                     "request",
                     method=scope["method"],
-                    route=getattr(route, "path", "unmatched"),
+                    route=route,
                     status=state["status"],
-                    latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                    latency_ms=round(elapsed * 1000, 3),
                     model_version=state["model_version"],
                 )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -77,10 +77,66 @@ class PredictionOut(BaseModel):
     model_version: str
 
 
+class DriftSummary(BaseModel):
+    """The latest drift check, as every prediction response carries it."""
+
+    drift: bool = Field(description="The monitor's combined verdict.")
+    p_value: float | None = Field(description="p-value of the MMD test.")
+    score: float | None = Field(description="MMD distance of the live window to the reference.")
+    checked_at: str | None
+    status: str = Field(description='"drift", "no_drift", "insufficient_data" or "unknown" (no check yet).')
+
+
+class PredictionWithDriftOut(PredictionOut):
+    drift: DriftSummary
+
+
 class BatchPredictionOut(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     predictions: list[PredictionOut]
     model_version: str
+    drift: DriftSummary
+
+
+class DriftCheckOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    checked_at: str | None
+    model_version: str
+    status: str
+    drift: bool
+    score: float | None
+    p_value: float | None
+    threshold: float | None
+    window_size: int
+    confidence_mean: float | None
+    details: dict[str, Any]
+
+
+class DriftOut(BaseModel):
+    """Current drift status and the most recent checks, newest first."""
+
+    current: DriftSummary
+    history: list[DriftCheckOut]
+
+
+class FeedbackIn(BaseModel):
+    """The true label of an earlier prediction."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prediction_id": "5b0f3c8e9d2a4f61a7c3e1d09b8f7a65", "label": "negative"}]},
+    )
+    prediction_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    label: Literal["negative", "positive"]
+
+
+class FeedbackOut(BaseModel):
+    prediction_id: str
+    label: str
+    predicted: str
+    correct: bool
+    already_recorded: bool = Field(description="The same label had been sent before (nothing changed).")
+    live_accuracy: float | None = Field(description="Accuracy over the latest labelled predictions.")
 
 
 class ModelVersionOut(BaseModel):

@@ -21,6 +21,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm import tqdm
 
 from app.ml.data import Corpus
+from app.ml.drift_reference import DRIFT_ARTIFACT, build_reference
 from app.ml.evaluate import classification_report, plot_confusion_matrix, plot_reliability
 from app.ml.pipeline import ModelParams, build_pipeline
 from app.ml.registry import MODEL_ARTIFACT, REFERENCE_ARTIFACT, ModelRegistry, ModelVersion
@@ -90,6 +91,7 @@ def train_and_register(
     params: ModelParams | None = None,
     *,
     holdout_fraction: float = 0.15,
+    drift_reference_size: int = 1000,
     cv_folds: int = 0,
     promote: PromotePolicy = "if-none",
     parent: str | None = None,
@@ -98,6 +100,7 @@ def train_and_register(
     """Fit a pipeline on ``corpus`` minus a stratified holdout, evaluate it there and register it.
 
     The version's metadata records metrics, parameters, data fingerprints, library versions and parent.
+    Up to ``drift_reference_size`` holdout rows become the drift reference (``drift.joblib``).
     ``promote`` decides whether it becomes current: ``if-none`` only when the store has no current version.
     """
     params = params or ModelParams()
@@ -114,6 +117,14 @@ def train_and_register(
     steps.set_postfix_str(f"evaluate on {len(holdout)} rows")
     proba = pipeline.predict_proba(holdout.texts)[:, 1]
     report = classification_report(holdout.labels, proba)
+    reference_rows = np.random.default_rng(params.random_state).permutation(len(holdout))[:drift_reference_size]
+    reference = build_reference(
+        pipeline,
+        fit.texts,
+        [holdout.texts[i] for i in reference_rows],
+        proba[reference_rows],
+        seed=params.random_state,
+    )
     if cv:
         report["cross_validation"] = cv
     steps.update()
@@ -123,6 +134,7 @@ def train_and_register(
     artifacts = {
         MODEL_ARTIFACT: lambda path: joblib.dump(pipeline, path, compress=3),
         REFERENCE_ARTIFACT: _write_json({"texts": holdout.texts, "labels": holdout.labels.tolist()}),
+        DRIFT_ARTIFACT: lambda path: joblib.dump(reference, path, compress=3),
         "report/metrics.json": _write_json(report),
         "report/confusion_matrix.png": lambda path: plot_confusion_matrix(report, path, title),
         "report/reliability.png": lambda path: plot_reliability(report, path, title),
@@ -139,6 +151,7 @@ def train_and_register(
             "holdout_rows": len(holdout),
             "holdout_fingerprint": holdout.fingerprint,
             "holdout_fraction": holdout_fraction,
+            "drift_reference_rows": reference.size,
         },
         "libraries": library_versions(),
         "parent": parent if parent is not None else registry.current_version(),

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
 from numpy.typing import NDArray
 
+from app.monitoring.metrics import INFERENCE_DURATION
 from app.serving.models import ServedModel
 
 log = structlog.get_logger(__name__)
@@ -36,8 +38,9 @@ class InferenceBatcher:
     blocks health checks or other requests for longer than one chunk.
     """
 
-    def __init__(self, max_batch: int) -> None:
+    def __init__(self, max_batch: int, measure: bool = True) -> None:
         self.max_batch = max_batch
+        self.measure = measure
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.calls = 0
@@ -74,12 +77,19 @@ class InferenceBatcher:
             size += len(nxt.texts)
         return batch
 
+    def _call(self, model: ServedModel, texts: list[str]) -> NDArray[np.float64]:
+        started = time.perf_counter()
+        proba = model.predict_proba(texts)
+        if self.measure:
+            INFERENCE_DURATION.labels(model.version).observe(time.perf_counter() - started)
+        return proba
+
     async def _predict_chunked(self, model: ServedModel, texts: list[str]) -> NDArray[np.float64]:
         if len(texts) <= self.max_batch:
-            return model.predict_proba(texts)
+            return self._call(model, texts)
         parts = []
         for start in range(0, len(texts), self.max_batch):
-            parts.append(model.predict_proba(texts[start : start + self.max_batch]))
+            parts.append(self._call(model, texts[start : start + self.max_batch]))
             await asyncio.sleep(0)
         return np.concatenate(parts)
 

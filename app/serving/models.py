@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 from app.errors import ModelNotReadyError, SentimentServiceError
 from app.ml.inference import compile_pipeline
 from app.ml.registry import REFERENCE_ARTIFACT, LoadedModel, ModelRegistry
+from app.monitoring.metrics import MODEL_INFO
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +90,9 @@ class ModelManager:
             log.error("model_load_failed", model_version=wanted, served_version=served, reason=str(exc))
             return False
         self._model, self._failed = model, None
+        if served:
+            MODEL_INFO.labels(version=served).set(0)
+        MODEL_INFO.labels(version=wanted).set(1)
         log.info("model_swapped", model_version=wanted, previous_version=served, compiled=model.compiled)
         return True
 

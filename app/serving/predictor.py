@@ -1,11 +1,15 @@
-"""Turns texts into predictions with the worker's current model."""
+"""Turns texts into predictions with the worker's current model, and records what it predicted."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from app.ml.data import LABELS
+from app.monitoring import metrics
+from app.monitoring.prediction_log import PredictionRecorder
 from app.serving.batcher import InferenceBatcher
 from app.serving.models import ModelManager
 
@@ -22,15 +26,22 @@ class Prediction:
 
 
 class Predictor:
-    """Predicts through the batcher; every text of one call is answered by the same model version."""
+    """Predicts through the batcher; every text of one call is answered by the same model version.
 
-    def __init__(self, models: ModelManager, batcher: InferenceBatcher) -> None:
+    With a recorder, every prediction is counted in the Prometheus metrics and appended to the
+    prediction log (buffered; the request never waits for the database).
+    """
+
+    def __init__(self, models: ModelManager, batcher: InferenceBatcher, recorder: PredictionRecorder | None) -> None:
         self.models = models
         self.batcher = batcher
+        self.recorder = recorder
 
     async def predict(self, texts: list[str]) -> list[Prediction]:
         model = self.models.current
+        started = time.perf_counter()
         proba = await self.batcher.predict_proba(model, texts)
+        latency_ms = (time.perf_counter() - started) * 1000
         predictions = []
         for row in proba.tolist():
             negative, positive = row
@@ -44,4 +55,29 @@ class Predictor:
                     model_version=model.version,
                 )
             )
+        if self.recorder is not None:
+            self._record(texts, predictions, latency_ms)
         return predictions
+
+    def _record(self, texts: list[str], predictions: list[Prediction], latency_ms: float) -> None:
+        now = time.time()
+        rows: list[dict[str, Any]] = []
+        for text, p in zip(texts, predictions, strict=True):
+            metrics.PREDICTIONS.labels(p.model_version, p.sentiment).inc()
+            metrics.PREDICTION_CONFIDENCE.labels(p.model_version, p.sentiment).observe(p.confidence)
+            metrics.TEXT_LENGTH.observe(len(text))
+            rows.append(
+                {
+                    "id": p.id,
+                    "created_at": now,
+                    "text": text,
+                    "text_length": len(text),
+                    "sentiment": p.sentiment,
+                    "confidence": p.confidence,
+                    "p_positive": p.probabilities[LABELS[1]],
+                    "model_version": p.model_version,
+                    "latency_ms": latency_ms,
+                }
+            )
+        assert self.recorder is not None
+        self.recorder.record(rows)

@@ -20,7 +20,8 @@ def test_single_prediction_has_label_confidence_probabilities_and_version(
     response = client.post("/v1/predict", json={"text": "A warm, witty and wonderfully acted film."})
     assert response.status_code == 200
     body = response.json()
-    assert body.keys() == {"id", "sentiment", "confidence", "probabilities", "model_version"}
+    assert body.keys() == {"id", "sentiment", "confidence", "probabilities", "model_version", "drift"}
+    assert body["drift"] == {"drift": False, "p_value": None, "score": None, "checked_at": None, "status": "unknown"}
     assert body["sentiment"] == "positive" and body["model_version"] == versions[0]
     assert body["confidence"] == body["probabilities"]["positive"] > 0.5
     assert body["probabilities"]["negative"] + body["probabilities"]["positive"] == pytest.approx(1)

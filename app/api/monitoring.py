@@ -1,0 +1,53 @@
+"""``GET /v1/drift``, ``POST /v1/feedback`` and ``GET /metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.api.deps import DriftStatusDep, FeedbackDep, JsonBody, PredictionLogDep
+from app.api.schemas import DriftOut, ErrorOut, FeedbackIn, FeedbackOut
+from app.errors import StorageUnavailableError
+from app.monitoring.metrics import render
+from app.monitoring.status import iso
+
+router = APIRouter(tags=["monitoring"])
+
+
+@router.get(
+    "/v1/drift", response_model=DriftOut, responses={503: {"model": ErrorOut}}, summary="Drift status and recent checks"
+)
+async def drift(
+    store: PredictionLogDep,
+    status: DriftStatusDep,
+    limit: Annotated[int, Query(ge=1, le=500, description="How many recent checks to return.")] = 20,
+) -> dict[str, Any]:
+    try:
+        history = await asyncio.to_thread(store.drift_history, limit)
+    except SQLAlchemyError as exc:
+        raise StorageUnavailableError("the prediction log is unavailable; retry later") from exc
+    for check in history:
+        check["checked_at"] = iso(check["checked_at"])
+    await status.update()
+    return {"current": status.summary, "history": history}
+
+
+@router.post(
+    "/v1/feedback",
+    response_model=FeedbackOut,
+    dependencies=[JsonBody],
+    responses={status: {"model": ErrorOut} for status in (404, 409, 415, 422, 503)},
+    summary="Send the true label of a prediction",
+)
+async def feedback(body: FeedbackIn, service: FeedbackDep) -> FeedbackOut:
+    receipt = await service.record(body.prediction_id, body.label)
+    return FeedbackOut(**receipt.__dict__)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics() -> Response:
+    payload, content_type = await asyncio.to_thread(render)
+    return Response(payload, media_type=content_type)

@@ -1,0 +1,1 @@
+"""Monitoring: Prometheus metrics, the shared prediction log, and the drift monitor process."""

@@ -1,0 +1,124 @@
+"""Every Prometheus metric of the service, declared once (dashboards and alert rules depend on the names).
+
+prometheus_client's multiprocess mode applies when ``PROMETHEUS_MULTIPROC_DIR`` is set before this module
+is imported (``scripts/serve`` sets and wipes it): every process (gunicorn workers, the drift monitor, a
+retrain) writes its samples to files there and ``/metrics`` merges them per scrape. Counters and histograms
+sum over all processes, dead ones included, so a killed worker's counts survive. Each gauge states how its
+per-process values combine.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Sub-millisecond to seconds: a single prediction takes ~0.3 ms of model time, a full batch a second.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CONFIDENCE_BUCKETS = (0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99, 1.0)
+LENGTH_BUCKETS = (10, 25, 50, 100, 150, 250, 500, 1000, 2500, 5000)
+CHECK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REQUEST_DURATION = Histogram(
+    "sentiment_request_duration_seconds",
+    "HTTP request latency, from first byte read to response sent.",
+    ["method", "route", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+INFERENCE_DURATION = Histogram(
+    "sentiment_inference_duration_seconds",
+    "Duration of one model call (a batch of concurrent requests' texts).",
+    ["model_version"],
+    buckets=LATENCY_BUCKETS,
+)
+PREDICTIONS = Counter(
+    "sentiment_predictions_total", "Predictions made, by model version and label.", ["model_version", "sentiment"]
+)
+PREDICTION_CONFIDENCE = Histogram(
+    "sentiment_prediction_confidence",
+    "Probability of the predicted label.",
+    ["model_version", "sentiment"],
+    buckets=CONFIDENCE_BUCKETS,
+)
+TEXT_LENGTH = Histogram(
+    "sentiment_text_length_chars", "Length of predicted texts in characters.", buckets=LENGTH_BUCKETS
+)
+MODEL_INFO = Gauge(
+    "sentiment_model_info",
+    "1 for the model version a live worker serves, 0 for versions it served before.",
+    ["version"],
+    multiprocess_mode="livemax",
+)
+PREDICTION_LOG_ERRORS = Counter(
+    "sentiment_prediction_log_errors_total",
+    "Prediction-log failures: write_failed (failed flushes, rows kept for retry), dropped (rows lost).",
+    ["reason"],
+)
+FEEDBACK = Counter("sentiment_feedback_total", "Labelled feedback received, by true label.", ["sentiment"])
+LIVE_ACCURACY = Gauge(
+    "sentiment_live_accuracy",
+    "Accuracy over the most recent labelled predictions.",
+    multiprocess_mode="mostrecent",
+)
+
+# Written by the drift monitor (one process); "mostrecent" survives its restarts.
+CONFIDENCE_MEAN = Gauge(
+    "sentiment_confidence_mean", "Mean confidence over the current drift window.", multiprocess_mode="mostrecent"
+)
+DRIFT_SCORE = Gauge(
+    "sentiment_drift_score", "MMD distance of the window to the reference.", multiprocess_mode="mostrecent"
+)
+DRIFT_P_VALUE = Gauge("sentiment_drift_p_value", "p-value of the MMD permutation test.", multiprocess_mode="mostrecent")
+DRIFT_THRESHOLD = Gauge(
+    "sentiment_drift_threshold",
+    "MMD distance above which the permutation test rejects at the configured p-value.",
+    multiprocess_mode="mostrecent",
+)
+DRIFT_DETECTED = Gauge(
+    "sentiment_drift_detected",
+    "1 if the monitor's combined verdict (all tests, corrected for multiple testing) is drift.",
+    multiprocess_mode="mostrecent",
+)
+DRIFT_WINDOW_SIZE = Gauge(
+    "sentiment_drift_window_size", "Predictions in the current drift window.", multiprocess_mode="mostrecent"
+)
+DRIFT_TEST_P_VALUE = Gauge(
+    "sentiment_drift_test_p_value",
+    "p-value of each drift test (mmd, length, confidence, label_mix) before correction.",
+    ["test"],
+    multiprocess_mode="mostrecent",
+)
+DRIFT_CHECKS = Counter("sentiment_drift_checks_total", "Drift checks, by outcome.", ["outcome"])
+DRIFT_CHECK_DURATION = Histogram(
+    "sentiment_drift_check_duration_seconds", "Duration of one drift check.", buckets=CHECK_BUCKETS
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of every process's metrics, and its content type.
+
+    In multiprocess mode a fresh registry with a :class:`MultiProcessCollector` reads the files of all
+    processes on each scrape (the documented pattern); otherwise the default registry is served.
+    """
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead process's live gauges (gunicorn's ``child_exit`` hook calls this)."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)

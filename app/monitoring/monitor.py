@@ -1,0 +1,199 @@
+"""The drift monitor: one process per service, off the request path (``python -m app.monitoring.monitor``).
+
+It follows the store's current version, reads that version's latest predictions from the prediction log,
+runs the drift tests (:mod:`app.monitoring.drift`) on a timer and every N new predictions, stores each
+result in the ``drift_checks`` table and exports it as ``sentiment_drift_*`` gauges through the shared
+Prometheus multiprocess directory. It also refreshes ``sentiment_live_accuracy`` and enforces retention.
+``app.supervisor`` starts it next to gunicorn and restarts it if it dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import joblib
+import structlog
+
+from app.errors import SentimentServiceError
+from app.ml.drift_reference import DRIFT_ARTIFACT
+from app.ml.registry import ModelRegistry
+from app.monitoring import metrics
+from app.monitoring.drift import TESTS, DriftDetector, DriftResult
+from app.monitoring.prediction_log import PredictionLog
+from app.settings import Settings
+
+log = structlog.get_logger("app.monitoring.monitor")
+
+POLL_SECONDS = 1.0
+RETENTION_EVERY_SECONDS = 300.0
+DRIFT_CHECKS_KEPT = 10_000
+RETRY_FAILED_SECONDS = 60.0
+
+
+class DriftReferenceMissingError(SentimentServiceError):
+    """The version was registered without a drift reference (trained before drift monitoring)."""
+
+    code = "drift_reference_missing"
+
+
+def export(result: DriftResult) -> None:
+    """Publish one check as the drift gauges (unknown values as NaN, never as a reassuring 0)."""
+    nan = float("nan")
+    metrics.DRIFT_DETECTED.set(1 if result.drift else 0)
+    metrics.DRIFT_WINDOW_SIZE.set(result.window_size)
+    metrics.DRIFT_SCORE.set(nan if result.score is None else result.score)
+    metrics.DRIFT_P_VALUE.set(nan if result.p_value is None else result.p_value)
+    metrics.DRIFT_THRESHOLD.set(nan if result.threshold is None else result.threshold)
+    metrics.CONFIDENCE_MEAN.set(nan if result.confidence_mean is None else result.confidence_mean)
+    p_values = result.details.get("p_values", {})
+    for test in TESTS:
+        metrics.DRIFT_TEST_P_VALUE.labels(test=test).set(p_values.get(test, nan))
+
+
+class DriftMonitor:
+    """Decides when to check, runs the check, and records it everywhere it is read."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry(settings.model_store)
+        self.store = PredictionLog(settings.prediction_log_url)
+        self.store.create_tables()
+        self.detector: DriftDetector | None = None
+        self.last_check_at = 0.0
+        self.last_seen = 0.0  # created_at of the newest prediction the last check saw
+        self.last_retention = 0.0
+        self.stopping = threading.Event()
+        self.failed: dict[str, float] = {}  # version -> time of its last failed check
+
+    def _detector(self, version: str) -> DriftDetector:
+        if self.detector is None or self.detector.model_version != version:
+            model = self.registry.load(version)  # sha256-verified, drift.joblib included
+            if DRIFT_ARTIFACT not in model.metadata.get("artifacts", {}):
+                raise DriftReferenceMissingError(f"{version} has no {DRIFT_ARTIFACT}; retrain to monitor it")
+            reference = joblib.load(model.path / DRIFT_ARTIFACT)
+            self.detector = DriftDetector(
+                version,
+                model.pipeline,
+                reference,
+                p_value=self.settings.drift_p_value,
+                permutations=self.settings.drift_permutations,
+                window_size=self.settings.drift_window_size,
+            )
+            self.last_check_at, self.last_seen = 0.0, 0.0
+            log.info("drift_reference_loaded", model_version=version, reference_size=reference.size)
+        return self.detector
+
+    def due(self, version: str, now: float) -> bool:
+        """Check when the version changed, N new predictions arrived, or the interval passed with news."""
+        if self.detector is None or self.detector.model_version != version or self.last_check_at == 0.0:
+            return True
+        new = self.store.count_predictions(version, since=self.last_seen)
+        if new >= self.settings.drift_check_every_predictions:
+            return True
+        return new > 0 and now - self.last_check_at >= self.settings.drift_check_interval_seconds
+
+    def check(self, version: str) -> DriftResult:
+        started = time.perf_counter()
+        detector = self._detector(version)
+        rows = self.store.window(self.settings.drift_window_size, version)
+        result = detector.check(rows)
+        self.last_check_at = time.time()
+        self.last_seen = max((r["created_at"] for r in rows), default=self.last_seen)
+        self.store.insert_drift_check(result.record())
+        export(result)
+        metrics.DRIFT_CHECKS.labels(outcome=result.status).inc()
+        metrics.DRIFT_CHECK_DURATION.observe(time.perf_counter() - started)
+        log.info(
+            "drift_detected" if result.drift else "drift_checked",
+            model_version=version,
+            status=result.status,
+            window_size=result.window_size,
+            p_value=result.p_value,
+            score=result.score,
+            tests_rejecting=result.details.get("tests_rejecting"),
+        )
+        return result
+
+    def housekeeping(self, now: float) -> None:
+        accuracy, labelled = self.store.live_accuracy(self.settings.live_accuracy_window)
+        if accuracy is not None:
+            metrics.LIVE_ACCURACY.set(accuracy)
+        if now - self.last_retention >= RETENTION_EVERY_SECONDS:
+            deleted = self.store.enforce_retention(
+                self.settings.retention_max_rows, self.settings.retention_max_age_hours * 3600, now
+            )
+            self.store.prune_drift_checks(DRIFT_CHECKS_KEPT)
+            self.last_retention = now
+            if deleted:
+                log.info("prediction_log_retention", deleted=deleted, labelled_kept=labelled)
+
+    def step(self) -> DriftResult | None:
+        """One poll: check if due; errors are logged and counted, never fatal.
+
+        A version that cannot be monitored (no reference, failed verification) is retried only after
+        ``RETRY_FAILED_SECONDS`` or once the current version changes, and logged once per attempt.
+        """
+        now = time.time()
+        version = None
+        try:
+            version = self.registry.current_version()
+            if version and self.failed.get(version, 0.0) + RETRY_FAILED_SECONDS < now and self.due(version, now):
+                result: DriftResult | None = self.check(version)
+            else:
+                result = None
+            self.housekeeping(now)
+        except Exception as exc:
+            metrics.DRIFT_CHECKS.labels(outcome="error").inc()
+            if version is not None:
+                self.failed[version] = now
+            if isinstance(exc, SentimentServiceError):
+                log.error("drift_check_failed", model_version=version, reason=exc.message)
+            else:
+                log.exception("drift_check_failed", model_version=version, reason=str(exc))
+            return None
+        return result
+
+    def run(self) -> None:
+        log.info(
+            "drift_monitor_started",
+            window=self.settings.drift_window_size,
+            interval_seconds=self.settings.drift_check_interval_seconds,
+        )
+        while not self.stopping.is_set():
+            self.step()
+            self.stopping.wait(POLL_SECONDS)
+        self.store.dispose()
+        log.info("drift_monitor_stopped")
+
+
+def _lower_priority() -> None:
+    # The monitor shares the cores with the web workers: it yields to them, and uses one torch thread.
+    import torch
+
+    torch.set_num_threads(1)
+    os.nice(10)
+
+
+def main() -> None:
+    from app.logs import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    _lower_priority()
+    monitor = DriftMonitor(settings)
+
+    def stop(signum: int, _frame: Any) -> None:
+        log.info("drift_monitor_signal", signal=signal.Signals(signum).name)
+        monitor.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    monitor.run()
+
+
+if __name__ == "__main__":
+    main()

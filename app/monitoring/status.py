@@ -1,0 +1,55 @@
+"""Each worker's cached view of the latest drift check, added to every prediction response."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.monitoring.prediction_log import PredictionLog
+
+log = structlog.get_logger(__name__)
+
+UNKNOWN: dict[str, Any] = {"drift": False, "p_value": None, "score": None, "checked_at": None, "status": "unknown"}
+
+
+def iso(timestamp: float | None) -> str | None:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat() if timestamp is not None else None
+
+
+def summarise(check: dict[str, Any] | None) -> dict[str, Any]:
+    """The short form of a drift check that predictions carry."""
+    if check is None:
+        return dict(UNKNOWN)
+    return {
+        "drift": bool(check["drift"]),
+        "p_value": check["p_value"],
+        "score": check["score"],
+        "checked_at": iso(check["checked_at"]),
+        "status": check["status"],
+    }
+
+
+class DriftStatus:
+    """Refreshes the latest check from the log every ``refresh`` seconds; requests never query it."""
+
+    def __init__(self, store: PredictionLog, refresh: float) -> None:
+        self.store = store
+        self.refresh = refresh
+        self.summary: dict[str, Any] = dict(UNKNOWN)
+
+    async def update(self) -> None:
+        try:
+            latest = await asyncio.to_thread(self.store.drift_history, 1)
+        except SQLAlchemyError as exc:
+            log.warning("drift_status_unavailable", reason=type(exc).__name__)
+            return
+        self.summary = summarise(latest[0] if latest else None)
+
+    async def watch(self) -> None:
+        while True:
+            await self.update()
+            await asyncio.sleep(self.refresh)
