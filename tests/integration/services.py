@@ -32,6 +32,7 @@ class Service:
     log_path: Path
     env: dict[str, str] = field(repr=False)
     log_handle: BinaryIO | None = field(default=None, repr=False)
+    supervised: bool = False
 
     def logs(self) -> list[dict[str, object]]:
         lines = []
@@ -42,10 +43,39 @@ class Service:
                 continue
         return lines
 
+    def descendants(self) -> dict[int, tuple[int, str]]:
+        """Every live process below ours: pid -> (parent pid, command line)."""
+        table: dict[int, tuple[int, str]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                table[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+        found: dict[int, tuple[int, str]] = {}
+        frontier = [self.process.pid]
+        while frontier:
+            parent = frontier.pop()
+            for pid, (ppid, cmd) in table.items():
+                if ppid == parent and pid not in found:
+                    found[pid] = (ppid, cmd)
+                    frontier.append(pid)
+        return found
+
     def worker_pids(self) -> list[int]:
-        """Pids of the gunicorn workers (children of the master)."""
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        """Pids of the gunicorn workers: the children of the gunicorn master."""
+        tree = self.descendants()
+        if self.supervised:
+            masters = [pid for pid, (ppid, cmd) in tree.items() if ppid == self.process.pid and "gunicorn" in cmd]
+        else:
+            masters = [self.process.pid]
+        return sorted(pid for pid, (ppid, _) in tree.items() if ppid in masters)
+
+    def monitor_pid(self) -> int | None:
+        monitors = [pid for pid, (_, cmd) in self.descendants().items() if "app.monitoring.monitor" in cmd]
+        return monitors[0] if monitors else None
 
     def stop(self, timeout: float = 30) -> int:
         if self.process.poll() is None:
@@ -62,12 +92,21 @@ def start_service(
     log_path: Path,
     workers: int = 2,
     app: str = "app.main:create_app()",
+    supervised: bool = False,
     **env: str,
 ) -> Service:
-    """Start gunicorn serving ``app`` and return once every worker is ready (loaded its model)."""
+    """Start gunicorn serving ``app`` and return once every worker is ready (loaded its model).
+
+    ``supervised`` runs the whole service as ``scripts/serve`` does: ``app.supervisor`` with gunicorn and
+    the drift monitor. Metrics and the prediction log go to fresh folders beside ``log_path``.
+    """
     port = free_port()
+    metrics_dir = log_path.parent / f"metrics-{port}"
+    metrics_dir.mkdir()
     environment = {
         **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "SENTIMENT_STATE_DIR": str(log_path.parent / f"var-{port}"),
         "SENTIMENT_PORT": str(port),
         "SENTIMENT_WORKERS": str(workers),
         "SENTIMENT_RELOAD_INTERVAL_SECONDS": "0.5",
@@ -77,14 +116,19 @@ def start_service(
     if store is not None:
         environment["SENTIMENT_MODEL_STORE"] = str(store.root)
     handle = log_path.open("wb")
+    command = (
+        [sys.executable, "-m", "app.supervisor"]
+        if supervised
+        else [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn_conf.py", app]
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn_conf.py", app],
+        command,
         cwd=REPO,
         env=environment,
         stdout=handle,
         stderr=subprocess.STDOUT,
     )
-    service = Service(f"http://127.0.0.1:{port}", process, log_path, environment, handle)
+    service = Service(f"http://127.0.0.1:{port}", process, log_path, environment, handle, supervised)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:

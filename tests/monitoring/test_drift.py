@@ -1,0 +1,71 @@
+"""Drift tests on real data: quiet on unseen in-domain text, loud on another domain or label mix."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from app.ml.drift_reference import DriftReference
+from app.ml.registry import LoadedModel
+from app.monitoring.drift import TESTS, DriftDetector
+
+WINDOW = 200
+
+
+def rows(model: LoadedModel, texts: list[str]) -> list[dict[str, Any]]:
+    proba = model.pipeline.predict_proba(texts)[:, 1]
+    return [
+        {"text": t, "p_positive": float(p), "confidence": float(max(p, 1 - p))}
+        for t, p in zip(texts, proba, strict=True)
+    ]
+
+
+@pytest.fixture
+def detector(current: LoadedModel, reference: DriftReference) -> DriftDetector:
+    return DriftDetector(
+        current.version, current.pipeline, reference, p_value=0.05, permutations=100, window_size=WINDOW
+    )
+
+
+def test_reference_comes_from_held_out_rows(current: LoadedModel, reference: DriftReference) -> None:
+    data = current.metadata["data"]
+    assert reference.size == data["drift_reference_rows"] <= data["holdout_rows"]
+    assert reference.embeddings.shape == (reference.size, 32)
+    assert reference.confidence.min() > 0.5 and reference.confidence.max() <= 1
+
+
+def test_no_verdict_until_the_window_is_full(
+    detector: DriftDetector, current: LoadedModel, unseen_in_domain: list[str]
+) -> None:
+    result = detector.check(rows(current, unseen_in_domain[: WINDOW - 1]))
+    assert result.status == "insufficient_data" and not result.drift and result.p_value is None
+    assert result.window_size == WINDOW - 1
+
+
+def test_in_domain_windows_are_not_flagged(
+    detector: DriftDetector, current: LoadedModel, unseen_in_domain: list[str]
+) -> None:
+    rng = random.Random(0)
+    verdicts = [detector.check(rows(current, rng.sample(unseen_in_domain, WINDOW))).drift for _ in range(5)]
+    assert sum(verdicts) <= 1  # 5 % family-wise false alarms: one in five would already be unlucky
+
+
+def test_clothing_reviews_are_flagged_by_every_kind_of_test(
+    detector: DriftDetector, current: LoadedModel, clothing_texts: list[str]
+) -> None:
+    result = detector.check(rows(current, clothing_texts[:WINDOW]))
+    assert result.drift and result.status == "drift"
+    assert result.score is not None and result.threshold is not None and result.score > result.threshold
+    assert {"mmd", "length"} <= set(result.details["tests_rejecting"])
+    assert set(result.details["p_values"]) == set(TESTS)
+
+
+def test_a_label_prior_shift_is_flagged(
+    detector: DriftDetector, current: LoadedModel, unseen_in_domain: list[str]
+) -> None:
+    scored = rows(current, unseen_in_domain[:3000])
+    negative_heavy = [r for r in scored if r["p_positive"] < 0.5][:WINDOW]
+    result = detector.check(negative_heavy)
+    assert result.drift and "label_mix" in result.details["tests_rejecting"]
