@@ -74,3 +74,9 @@ class StorageUnavailableError(SentimentServiceError):
     """The prediction log cannot be reached right now."""
 
     code = "storage_unavailable"
+
+
+class JobNotFoundError(SentimentServiceError):
+    """No retrain job has this id."""
+
+    code = "job_not_found"

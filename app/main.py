@@ -10,13 +10,16 @@ import structlog
 from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.api import health, models, monitoring, predict
+from app.api import health, models, monitoring, predict, retrain
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.ml.registry import ModelRegistry
 from app.monitoring.feedback import FeedbackService
 from app.monitoring.prediction_log import PredictionLog, PredictionRecorder
 from app.monitoring.status import DriftStatus
+from app.retrain.alerts import WebhookAuth
+from app.retrain.launcher import RetrainLauncher
+from app.retrain.webhooks import WebhookService
 from app.serving.batcher import InferenceBatcher
 from app.serving.models import ModelManager
 from app.serving.predictor import Predictor
@@ -35,6 +38,17 @@ Every response carries `X-Request-ID` (yours, if you sent a sane one) and predic
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the lifespan loads the store's current model and keeps it in sync with the store."""
     settings = settings or Settings()
+    auth = WebhookAuth(
+        bearer_token=settings.secret("webhook_token"),
+        basic_username=settings.webhook_basic_username,
+        basic_password=settings.webhook_basic_password.get_secret_value() if settings.webhook_basic_password else None,
+        hmac_secret=settings.secret("grafana_hmac_secret"),
+        signature_header=settings.grafana_signature_header,
+        timestamp_header=settings.grafana_timestamp_header,
+        replay_window_seconds=settings.grafana_replay_window_seconds,
+        allow_unauthenticated=settings.allow_unauthenticated_webhooks,
+    )
+    auth.check_configured()  # fail fast: gunicorn does not boot a service whose webhooks anyone could call
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,6 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.drift_status = drift_status
         app.state.feedback = FeedbackService(store, recorder, settings.live_accuracy_window)
         app.state.predictor = Predictor(manager, batcher, recorder if settings.monitoring_enabled else None)
+        launcher = RetrainLauncher(settings.model_store, store, settings.retrain_cooldown_seconds, settings.as_env())
+        app.state.launcher = launcher
+        app.state.webhooks = WebhookService(auth, settings.retrain_alert_names, store, launcher)
         batcher.start()
         recorder.start()
         tasks = [
@@ -88,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.build_router(settings))
     app.include_router(models.router)
     app.include_router(monitoring.router)
+    app.include_router(retrain.router)
     app.include_router(health.router)
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, measure=settings.monitoring_enabled

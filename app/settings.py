@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +20,31 @@ class Settings(BaseSettings):
     @property
     def prediction_log_url(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'predictions.db'}"
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as ``SENTIMENT_*`` variables, for a child process (a retrain) to read back."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, list | dict):
+                value = json.dumps(value)
+            env[f"SENTIMENT_{name.upper()}"] = str(value)
+        return env
+
+    def secret(self, name: str) -> str | None:
+        """A secret from its ``<name>`` setting or, failing that, the file named by ``<name>_file``."""
+        value: SecretStr | str | None = getattr(self, name)
+        if value is not None:
+            return value.get_secret_value() if isinstance(value, SecretStr) else value
+        path: Path | None = getattr(self, f"{name}_file", None)
+        if path is not None:
+            return path.read_text().strip()
+        return None
 
     # Model store and data
     model_store: Path = Field(REPO_ROOT / "model_store", description="Root of the versioned model store.")
@@ -72,6 +98,38 @@ class Settings(BaseSettings):
     drift_status_refresh_seconds: PositiveFloat = Field(
         1.0, description="How often each worker refreshes the drift summary it adds to predictions."
     )
+
+    # Alert webhooks and retraining
+    webhook_token: SecretStr | None = Field(None, description="Bearer token alert webhooks must present.")
+    webhook_token_file: Path | None = Field(None, description="File holding the webhook bearer token.")
+    webhook_basic_username: str | None = Field(None, description="Basic-auth user webhooks may present instead.")
+    webhook_basic_password: SecretStr | None = Field(None, description="Basic-auth password for webhooks.")
+    grafana_hmac_secret: SecretStr | None = Field(None, description="Secret of Grafana's webhook HMAC signature.")
+    grafana_hmac_secret_file: Path | None = Field(None, description="File holding the Grafana HMAC secret.")
+    grafana_signature_header: str = Field("X-Grafana-Alerting-Signature", description="Header of the signature.")
+    grafana_timestamp_header: str | None = Field(
+        None, description='Header with the signing time; then the signature covers "<timestamp>:<body>".'
+    )
+    grafana_replay_window_seconds: PositiveInt = Field(300, description="Oldest signed timestamp accepted.")
+    allow_unauthenticated_webhooks: bool = Field(
+        False, description="Development only: accept webhooks without credentials when none are configured."
+    )
+    admin_token: SecretStr | None = Field(None, description="Bearer token of the admin (retrain) endpoints.")
+    admin_token_file: Path | None = Field(None, description="File holding the admin token.")
+    retrain_alert_names: list[str] = Field(
+        ["SentimentDriftDetected"], description="Alert names whose firing notifications start a retrain."
+    )
+    retrain_cooldown_seconds: float = Field(600.0, ge=0, description="Least time between two retrain starts.")
+    retrain_promotion_margin: float = Field(
+        0.01, ge=0, le=1, description="Most balanced accuracy a candidate may lose on the base holdout."
+    )
+    retrain_feedback_holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of feedback labels held out to judge candidates."
+    )
+    retrain_feedback_weight: float = Field(
+        0.25, gt=0, lt=1, description="Share of the training weight given to feedback rows (the rest: base corpus)."
+    )
+    retrain_min_labels: PositiveInt = Field(50, description="Fewest new feedback labels worth a retrain.")
 
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

@@ -19,6 +19,8 @@ from app.settings import Settings
 # Small enough to train in about a second, large enough to be a real model (~75 % accuracy).
 SMALL_ROWS = 3000
 SMALL_PARAMS = ModelParams(calibration_folds=3)
+WEBHOOK_TOKEN = "test-webhook-token"
+ADMIN_TOKEN = "test-admin-token"
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +79,8 @@ def settings(store: ModelRegistry, tmp_path: Path) -> Settings:
         reload_interval_seconds=0.1,
         prediction_log_flush_seconds=0.05,
         drift_status_refresh_seconds=0.1,
+        webhook_token=WEBHOOK_TOKEN,
+        admin_token=ADMIN_TOKEN,
     )
 
 

@@ -14,6 +14,7 @@ from app.errors import (
     ArtifactIntegrityError,
     FeedbackConflictError,
     InvalidInputError,
+    JobNotFoundError,
     ModelNotReadyError,
     ModelStoreError,
     PayloadTooLargeError,
@@ -23,8 +24,10 @@ from app.errors import (
     UnsupportedMediaTypeError,
     VersionNotFoundError,
 )
+from app.retrain.alerts import UnauthorizedError, WebhookConfigurationError
 
 log = structlog.get_logger(__name__)
+
 
 STATUS_BY_ERROR: dict[type[SentimentServiceError], int] = {
     InvalidInputError: 422,
@@ -32,6 +35,9 @@ STATUS_BY_ERROR: dict[type[SentimentServiceError], int] = {
     UnsupportedMediaTypeError: 415,
     VersionNotFoundError: 404,
     PredictionNotFoundError: 404,
+    JobNotFoundError: 404,
+    UnauthorizedError: 401,
+    WebhookConfigurationError: 500,
     FeedbackConflictError: 409,
     StorageUnavailableError: 503,
     ModelNotReadyError: 503,

@@ -8,11 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.api.deps import DriftStatusDep, FeedbackDep, JsonBody, PredictionLogDep
+from app.api.deps import DriftStatusDep, FeedbackDep, JsonBody, PredictionLogDep, SettingsDep
 from app.api.schemas import DriftOut, ErrorOut, FeedbackIn, FeedbackOut
 from app.errors import StorageUnavailableError
-from app.monitoring.metrics import render
+from app.monitoring.metrics import RetrainLockCollector, render
 from app.monitoring.status import iso
+from app.retrain.launcher import retrain_running
 
 router = APIRouter(tags=["monitoring"])
 
@@ -48,6 +49,7 @@ async def feedback(body: FeedbackIn, service: FeedbackDep) -> FeedbackOut:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def prometheus_metrics() -> Response:
-    payload, content_type = await asyncio.to_thread(render)
+async def prometheus_metrics(settings: SettingsDep) -> Response:
+    lock = RetrainLockCollector(lambda: retrain_running(settings.model_store))
+    payload, content_type = await asyncio.to_thread(render, lock)
     return Response(payload, media_type=content_type)

@@ -180,3 +180,25 @@ class ErrorOut(BaseModel):
     """Every error response has this shape."""
 
     error: ErrorBody
+
+
+class WebhookOut(BaseModel):
+    """What a notification (or a manual retrain request) did."""
+
+    status: str = Field(description="retrain_started, already_running, cooldown, duplicate or ignored")
+    job_id: str | None = None
+    alerts: int = Field(0, description="Alerts of the notification that matter (firing, configured name).")
+    detail: str = ""
+    retry_after_seconds: float | None = Field(None, description="With cooldown: when a retrain may start.")
+
+
+class RetrainJobOut(BaseModel):
+    id: str
+    trigger: str
+    reason: str
+    status: str = Field(description="running, succeeded or failed")
+    outcome: str | None = Field(description="promoted, rejected, skipped_no_new_labels, skipped_too_few_labels, failed")
+    started_at: str | None
+    finished_at: str | None
+    candidate_version: str | None
+    details: dict[str, Any]

@@ -30,6 +30,14 @@ class ModelParams:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelParams:
+        """Parameters as stored in a version's metadata (JSON lists back to tuples, unknown keys dropped)."""
+        known: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in cls.__dataclass_fields__
+        }
+        return cls(**known)
+
 
 def build_pipeline(params: ModelParams | None = None) -> Pipeline:
     """An unfitted pipeline mapping raw texts to P(negative), P(positive).

@@ -21,7 +21,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm import tqdm
 
 from app.ml.data import Corpus
-from app.ml.drift_reference import DRIFT_ARTIFACT, build_reference
+from app.ml.drift_reference import DRIFT_ARTIFACT, DriftReference, build_reference
 from app.ml.evaluate import classification_report, plot_confusion_matrix, plot_reliability
 from app.ml.pipeline import ModelParams, build_pipeline
 from app.ml.registry import MODEL_ARTIFACT, REFERENCE_ARTIFACT, ModelRegistry, ModelVersion
@@ -85,6 +85,20 @@ def _write_json(payload: dict[str, Any]) -> Callable[[Path], None]:
     return write
 
 
+def version_artifacts(
+    pipeline: Any, report: dict[str, Any], holdout: Corpus, reference: DriftReference
+) -> dict[str, Callable[[Path], None]]:
+    """The files of a model version: pipeline, held-out rows, drift reference and the report."""
+    return {
+        MODEL_ARTIFACT: lambda path: joblib.dump(pipeline, path, compress=3),
+        REFERENCE_ARTIFACT: _write_json({"texts": holdout.texts, "labels": holdout.labels.tolist()}),
+        DRIFT_ARTIFACT: lambda path: joblib.dump(reference, path, compress=3),
+        "report/metrics.json": _write_json(report),
+        "report/confusion_matrix.png": lambda path: plot_confusion_matrix(report, path, holdout.name),
+        "report/reliability.png": lambda path: plot_reliability(report, path, holdout.name),
+    }
+
+
 def train_and_register(
     registry: ModelRegistry,
     corpus: Corpus,
@@ -130,15 +144,7 @@ def train_and_register(
     steps.update()
     steps.set_postfix_str("register")
 
-    title = f"{corpus.name} holdout"
-    artifacts = {
-        MODEL_ARTIFACT: lambda path: joblib.dump(pipeline, path, compress=3),
-        REFERENCE_ARTIFACT: _write_json({"texts": holdout.texts, "labels": holdout.labels.tolist()}),
-        DRIFT_ARTIFACT: lambda path: joblib.dump(reference, path, compress=3),
-        "report/metrics.json": _write_json(report),
-        "report/confusion_matrix.png": lambda path: plot_confusion_matrix(report, path, title),
-        "report/reliability.png": lambda path: plot_reliability(report, path, title),
-    }
+    artifacts = version_artifacts(pipeline, report, holdout, reference)
     metadata = {
         "metrics": {k: v for k, v in report.items() if k != "reliability"},
         "params": params.to_dict(),

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from scipy.stats import chi2_contingency, ks_2samp
 
 from app.ml.drift_reference import DriftReference, embed
@@ -75,23 +76,38 @@ class DriftDetector:
     def check(self, rows: list[dict[str, Any]], now: float | None = None) -> DriftResult:
         """Test the latest window (rows with text, confidence, p_positive), or say it is not full yet."""
         now = now or time.time()
-        size = len(rows)
         confidence = np.array([r["confidence"] for r in rows], dtype=np.float64)
-        mean_confidence = float(confidence.mean()) if size else None
-        if size < self.window_size:
+        if len(rows) < self.window_size:
             return DriftResult(
                 now,
                 self.model_version,
                 "insufficient_data",
                 False,
-                size,
-                confidence_mean=mean_confidence,
+                len(rows),
+                confidence_mean=float(confidence.mean()) if len(rows) else None,
                 details={"needed": self.window_size, "reference_size": self.reference.size},
             )
         texts = [r["text"] for r in rows]
-        mmd = self.mmd.predict(embed(self.pipeline, self.reference.reducer, texts))["data"]
-        lengths = np.array([len(t) for t in texts], dtype=np.float64)
-        positives = int(sum(r["p_positive"] >= 0.5 for r in rows))
+        return self.test(
+            embed(self.pipeline, self.reference.reducer, texts),
+            np.array([len(t) for t in texts], dtype=np.float64),
+            confidence,
+            np.array([r["p_positive"] for r in rows], dtype=np.float64),
+            now,
+        )
+
+    def test(
+        self,
+        embeddings: NDArray[np.float32],
+        lengths: NDArray[np.float64],
+        confidence: NDArray[np.float64],
+        p_positive: NDArray[np.float64],
+        now: float | None = None,
+    ) -> DriftResult:
+        """All four tests on a full window given as arrays (the benchmarks embed their texts once)."""
+        size = len(lengths)
+        mmd = self.mmd.predict(embeddings)["data"]
+        positives = int((p_positive >= 0.5).sum())
         ref_pos = round(self.reference.positive_rate * self.reference.size)
         table = np.array([[positives, size - positives], [ref_pos, self.reference.size - ref_pos]])
         p_values = {
@@ -102,7 +118,7 @@ class DriftDetector:
         }
         drift = min(p_values.values()) < self.corrected
         return DriftResult(
-            checked_at=now,
+            checked_at=now or time.time(),
             model_version=self.model_version,
             status="drift" if drift else "no_drift",
             drift=drift,
@@ -110,7 +126,7 @@ class DriftDetector:
             score=float(mmd["distance"]),
             p_value=p_values["mmd"],
             threshold=float(mmd["distance_threshold"]),
-            confidence_mean=mean_confidence,
+            confidence_mean=float(confidence.mean()),
             details={
                 "p_values": p_values,
                 "corrected_threshold": self.corrected,

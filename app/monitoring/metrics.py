@@ -10,6 +10,7 @@ per-process values combine.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +22,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -104,18 +107,39 @@ DRIFT_CHECK_DURATION = Histogram(
     "sentiment_drift_check_duration_seconds", "Duration of one drift check.", buckets=CHECK_BUCKETS
 )
 
+# Written by the retrain process. "In progress" is read from the retrain lock at scrape time
+# (RetrainLockCollector), so a killed retrain can never leave it stuck at 1.
+RETRAIN_TOTAL = Counter("sentiment_retrain_total", "Retrains, by trigger and outcome.", ["trigger", "outcome"])
+RETRAIN_DURATION = Histogram(
+    "sentiment_retrain_duration_seconds", "Duration of one retrain.", buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200)
+)
 
-def render() -> tuple[bytes, str]:
+
+class RetrainLockCollector(Collector):
+    """``sentiment_retrain_in_progress``: 1 while a process holds the store's retrain lock."""
+
+    def __init__(self, probe: Callable[[], bool]) -> None:
+        self.probe = probe
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "sentiment_retrain_in_progress", "1 while a retrain runs (holds the retrain lock).", value=int(self.probe())
+        )
+
+
+def render(extra: Collector | None = None) -> tuple[bytes, str]:
     """The exposition text of every process's metrics, and its content type.
 
     In multiprocess mode a fresh registry with a :class:`MultiProcessCollector` reads the files of all
     processes on each scrape (the documented pattern); otherwise the default registry is served.
     """
+    registry = CollectorRegistry()
+    if extra is not None:
+        registry.register(extra)
     if os.environ.get(MULTIPROC_ENV):
-        registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY) + generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 def mark_process_dead(pid: int) -> None:

@@ -1,4 +1,4 @@
-"""The prediction log: every prediction, its feedback label and every drift check, in one SQL database.
+"""The prediction log: every prediction, its feedback label, every drift check and retrain job, in one database.
 
 It is the rolling buffer the workers share: each worker appends its predictions (batched, off the request
 path, see :class:`PredictionRecorder`), the drift monitor reads the latest window, feedback labels
@@ -81,6 +81,30 @@ drift_checks = Table(
     Column("confidence_mean", Float, nullable=True),
     Column("details", Text, nullable=False),
     Index("ix_drift_checks_time", "checked_at"),
+)
+
+
+retrain_jobs = Table(
+    "retrain_jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("trigger", String(32), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # running, succeeded, failed
+    Column("outcome", String(32), nullable=True),  # promoted, rejected, skipped_*, failed
+    Column("started_at", Float, nullable=False),
+    Column("finished_at", Float, nullable=True),
+    Column("candidate_version", String(64), nullable=True),
+    Column("details", Text, nullable=False),
+    Index("ix_retrain_jobs_started", "started_at"),
+)
+
+webhook_alerts = Table(
+    "webhook_alerts",
+    metadata,
+    Column("identity", String(255), primary_key=True),  # fingerprint@startsAt: one firing of one alert
+    Column("source", String(16), nullable=False),
+    Column("received_at", Float, nullable=False),
 )
 
 
@@ -275,6 +299,95 @@ class PredictionLog:
             ).scalar()
             if cutoff is not None:
                 conn.execute(delete(drift_checks).where(drift_checks.c.id <= cutoff))
+
+    # -- retrain bookkeeping ---------------------------------------------------------------------
+    def unseen_alerts(self, identities: Sequence[str]) -> list[str]:
+        """The alert firings not acted on before."""
+        with self.engine.connect() as conn:
+            seen = {
+                r[0]
+                for r in conn.execute(
+                    select(webhook_alerts.c.identity).where(webhook_alerts.c.identity.in_(list(identities)))
+                )
+            }
+        return [i for i in identities if i not in seen]
+
+    def claim_alerts(self, identities: Sequence[str], source: str, now: float | None = None) -> list[str]:
+        """Record alert firings; return the ones not seen before (re-sends are not new)."""
+        fresh = []
+        with self.engine.begin() as conn:
+            for identity in identities:
+                seen = conn.execute(
+                    select(webhook_alerts.c.identity).where(webhook_alerts.c.identity == identity)
+                ).first()
+                if seen is None:
+                    conn.execute(
+                        insert(webhook_alerts).values(identity=identity, source=source, received_at=now or time.time())
+                    )
+                    fresh.append(identity)
+        return fresh
+
+    def create_job(self, job_id: str, trigger: str, reason: str, now: float | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(retrain_jobs).values(
+                    id=job_id,
+                    trigger=trigger,
+                    reason=reason,
+                    status="running",
+                    started_at=now or time.time(),
+                    details="{}",
+                )
+            )
+
+    def finish_job(
+        self,
+        job_id: str,
+        status: str,
+        outcome: str,
+        details: dict[str, Any],
+        *,
+        candidate_version: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(retrain_jobs)
+                .where(retrain_jobs.c.id == job_id)
+                .values(
+                    status=status,
+                    outcome=outcome,
+                    finished_at=now or time.time(),
+                    candidate_version=candidate_version,
+                    details=json.dumps(details, sort_keys=True),
+                )
+            )
+
+    def fail_running_jobs(self, reason: str) -> int:
+        """Mark jobs still 'running' as failed (called when no retrain holds the lock)."""
+        with self.engine.begin() as conn:
+            return int(
+                conn.execute(
+                    update(retrain_jobs)
+                    .where(retrain_jobs.c.status == "running")
+                    .values(
+                        status="failed",
+                        outcome="failed",
+                        finished_at=time.time(),
+                        details=json.dumps({"error": reason}),
+                    )
+                ).rowcount
+            )
+
+    def jobs(self, limit: int = 50, job_id: str | None = None) -> list[dict[str, Any]]:
+        query = select(retrain_jobs).order_by(retrain_jobs.c.started_at.desc()).limit(limit)
+        if job_id is not None:
+            query = query.where(retrain_jobs.c.id == job_id)
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(query).mappings()]
+        for row in rows:
+            row["details"] = json.loads(row["details"])
+        return rows
 
 
 class PredictionRecorder:

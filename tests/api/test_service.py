@@ -17,7 +17,8 @@ def test_health_and_readiness_with_a_model(client: TestClient, versions: list[st
 
 
 def test_without_a_verified_model_the_service_lives_but_is_not_ready(empty_store: ModelRegistry) -> None:
-    with TestClient(create_app(Settings(model_store=empty_store.root, state_dir=empty_store.root / "var"))) as client:
+    settings = Settings(model_store=empty_store.root, state_dir=empty_store.root / "var", webhook_token="t")
+    with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["status"] == "not_ready"

@@ -1,0 +1,1 @@
+"""Acting on drift: alert webhooks, the guarded retrain and its promotion gate."""

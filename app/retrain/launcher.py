@@ -1,0 +1,126 @@
+"""Starts at most one retrain at a time, in its own process, and never within the cooldown.
+
+The guard is an exclusive ``flock`` on ``<model_store>/.retrain.lock``. The launcher takes it without
+waiting, checks the cooldown (``.retrain-state.json`` beside it), records the job and starts
+``python -m app.retrain.job`` with the locked file descriptor inherited. The launcher then closes its own
+copy: from that moment the retrain process alone holds the lock, and the kernel frees it when that
+process ends, however it ends. Every worker of every service instance sharing the model store goes
+through the same lock, so concurrent alerts start exactly one retrain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from app.monitoring.prediction_log import PredictionLog
+from app.settings import REPO_ROOT
+
+log = structlog.get_logger(__name__)
+
+LOCK_FILE = ".retrain.lock"
+STATE_FILE = ".retrain-state.json"
+LOCK_FD_ENV = "SENTIMENT_RETRAIN_LOCK_FD"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a request to retrain did: ``retrain_started``, ``already_running`` or ``cooldown``."""
+
+    action: str
+    job_id: str | None = None
+    retry_after_seconds: float | None = None
+
+
+def retrain_running(store_root: Path) -> bool:
+    """True while some process holds the retrain lock."""
+    path = store_root / LOCK_FILE
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own lock, if it got one
+    return False
+
+
+class RetrainLauncher:
+    def __init__(
+        self, store_root: Path, jobs: PredictionLog, cooldown_seconds: float, job_env: dict[str, str] | None = None
+    ) -> None:
+        self.store_root = store_root
+        self.jobs = jobs
+        self.cooldown_seconds = cooldown_seconds
+        self.job_env = job_env or {}  # the service's settings, so the job reads the same store and log
+
+    def _last_started(self) -> float:
+        try:
+            return float(json.loads((self.store_root / STATE_FILE).read_text())["last_started_at"])
+        except (OSError, ValueError, KeyError):
+            return 0.0
+
+    def reconcile(self) -> None:
+        """Jobs recorded as running while nobody holds the lock died without saying so."""
+        if not retrain_running(self.store_root):
+            failed = self.jobs.fail_running_jobs("the retrain process ended without reporting (killed?)")
+            if failed:
+                log.error("retrain_failed", reason="process died", jobs=failed)
+
+    def start(self, trigger: str, reason: str) -> Launch:
+        """Start a retrain unless one is running or the cooldown has not passed."""
+        self.store_root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.store_root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                running = [j["id"] for j in self.jobs.jobs(limit=5) if j["status"] == "running"]
+                return Launch("already_running", running[0] if running else None)
+            # Holding the lock: no retrain runs, so any job still marked running has died.
+            self.jobs.fail_running_jobs("the retrain process ended without reporting (killed?)")
+            now = time.time()
+            wait = self._last_started() + self.cooldown_seconds - now
+            if wait > 0:
+                return Launch("cooldown", retry_after_seconds=round(wait, 1))
+            job_id = uuid.uuid4().hex
+            self.jobs.create_job(job_id, trigger, reason, now)
+            state = self.store_root / STATE_FILE
+            tmp = state.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"last_started_at": now, "job_id": job_id}))
+            tmp.replace(state)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "app.retrain.job", job_id, "--trigger", trigger],
+                cwd=REPO_ROOT,
+                env={**os.environ, **self.job_env, LOCK_FD_ENV: str(fd)},
+                pass_fds=(fd,),
+                start_new_session=True,  # a worker's SIGTERM or restart does not take the retrain down
+            )
+        finally:
+            os.close(fd)
+        # Reap the child when it ends (no zombie); a crash before it reported marks the job failed.
+        threading.Thread(target=self._reap, args=(process, job_id), daemon=True, name=f"reap-{job_id}").start()
+        log.info("retrain_started", job_id=job_id, trigger=trigger, retrain_pid=process.pid)
+        return Launch("retrain_started", job_id)
+
+    def _reap(self, process: subprocess.Popen[bytes], job_id: str) -> None:
+        code = process.wait()
+        if code != 0:
+            with contextlib.suppress(Exception):
+                jobs = self.jobs.jobs(job_id=job_id)
+                if jobs and jobs[0]["status"] == "running":
+                    self.jobs.finish_job(job_id, "failed", "failed", {"error": f"retrain process exited {code}"})
+                    log.error("retrain_failed", job_id=job_id, exit_code=code)

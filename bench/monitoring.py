@@ -1,0 +1,181 @@
+"""What watching itself costs the service, and how fast it notices a shift, in one run on this machine.
+
+1. Overhead: wrk (-t2 -c32, one text per request) against the service with metrics, prediction log and
+   drift monitor on (the supervised service, as ``scripts/serve`` runs it) and with all of it off
+   (``SENTIMENT_MONITORING_ENABLED=false``, plain gunicorn). Goal: on >= 90 % of off.
+2. p99 latency at a fixed moderate load (open loop, 100 req/s) while drift checks run back to back vs
+   while the monitor is idle. Goal: <= 1.5x.
+3. Detection delay: in-domain traffic at 50 req/s, then clothing reviews at 50 req/s; time from the
+   switch until ``sentiment_drift_detected`` is 1 on /metrics (default settings: window 500). Goal: <= 60 s.
+
+Usage: ``.venv/bin/python -m bench.monitoring [--seconds 15]``; writes ``bench/results/monitoring.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from app.ml.data import load_clothing
+from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
+from app.settings import Settings
+from bench.serving import CONNECTIONS, RESULTS, wrk
+from tests.integration.services import Service, start_service
+
+
+async def open_loop(url: str, texts: list[str], rate: float, seconds: float) -> list[float]:
+    """Send one request every 1/rate s regardless of responses; return each latency in ms."""
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=64)) as client:
+
+        async def one(text: str) -> None:
+            started = time.perf_counter()
+            response = await client.post("/v1/predict", json={"text": text})
+            response.raise_for_status()
+            latencies.append((time.perf_counter() - started) * 1000)
+
+        tasks = []
+        begin = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = begin + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(texts[i % len(texts)])))
+        await asyncio.gather(*tasks)
+    return latencies
+
+
+def drift_flag(service: Service) -> float:
+    for line in httpx.get(f"{service.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("sentiment_drift_detected "):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=15)
+    args = parser.parse_args()
+    store = ModelRegistry(Settings().model_store)
+    model = store.load_current()
+    if model is None:
+        raise SystemExit("no current model: run `python -m app.cli train` first")
+    in_domain = [t.replace("\n", " ") for t in model.read_json(REFERENCE_ARTIFACT)["texts"]]
+    random.Random(0).shuffle(in_domain)
+    clothing = load_clothing().texts
+    random.Random(1).shuffle(clothing)
+    results: dict[str, Any] = {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model_version": model.version,
+    }
+
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        text_file = tmp / "texts.txt"
+        text_file.write_text("\n".join(in_domain) + "\n")
+        env = {"BENCH_TEXTS": str(text_file), "PATH": "/usr/bin:/bin"}
+
+        # 1. Throughput with everything off, then with everything on.
+        off = start_service(store, tmp / "off.log", SENTIMENT_MONITORING_ENABLED="false")
+        try:
+            results["throughput_off"] = wrk(off.url, "bench/predict.lua", args.seconds, CONNECTIONS, env)
+        finally:
+            off.stop()
+        on = start_service(store, tmp / "on.log", supervised=True)
+        try:
+            results["throughput_on"] = wrk(on.url, "bench/predict.lua", args.seconds, CONNECTIONS, env)
+            results["drift_checks_during_load"] = sum(
+                1 for e in on.logs() if e.get("event") in {"drift_checked", "drift_detected"}
+            )
+        finally:
+            on.stop()
+        results["throughput_on_vs_off"] = (
+            results["throughput_on"]["requests_per_s"] / results["throughput_off"]["requests_per_s"]
+        )
+        print(
+            f"throughput off {results['throughput_off']['requests_per_s']:.0f} req/s, on "
+            f"{results['throughput_on']['requests_per_s']:.0f} req/s = {results['throughput_on_vs_off']:.1%} "
+            f"({results['drift_checks_during_load']} drift checks ran meanwhile)",
+            flush=True,
+        )
+
+        # 2. p99 at 100 req/s: monitor idle vs checking back to back.
+        p99: dict[str, Any] = {}
+        for name, every, interval in (("idle", "1000000000", "1000000"), ("checking", "1", "0.1")):
+            service = start_service(
+                store,
+                tmp / f"p99-{name}.log",
+                supervised=True,
+                SENTIMENT_DRIFT_CHECK_EVERY_PREDICTIONS=every,
+                SENTIMENT_DRIFT_CHECK_INTERVAL_SECONDS=interval,
+            )
+            try:
+                asyncio.run(open_loop(service.url, in_domain, 100, 6))  # fill the window: checks are full tests
+                latencies = asyncio.run(open_loop(service.url, in_domain, 100, args.seconds))
+                checks = [e for e in service.logs() if e.get("event") in {"drift_checked", "drift_detected"}]
+            finally:
+                service.stop()
+            p99[name] = {
+                "p50_ms": percentile(latencies, 50),
+                "p99_ms": percentile(latencies, 99),
+                "requests": len(latencies),
+                "drift_checks": len(checks),
+            }
+        p99["ratio"] = p99["checking"]["p99_ms"] / p99["idle"]["p99_ms"]
+        results["p99_during_drift_checks"] = p99
+        print(
+            f"p99 at 100 req/s: idle {p99['idle']['p99_ms']:.1f} ms, during checks "
+            f"{p99['checking']['p99_ms']:.1f} ms ({p99['checking']['drift_checks']} checks) = {p99['ratio']:.2f}x",
+            flush=True,
+        )
+
+        # 3. Detection delay at 50 req/s with default drift settings.
+        service = start_service(store, tmp / "delay.log", supervised=True)
+        delays = []
+        try:
+            for run in range(3):
+                asyncio.run(open_loop(service.url, in_domain[run * 700 :], 50, 14))
+                deadline = time.monotonic() + 60
+                while drift_flag(service) != 0.0 and time.monotonic() < deadline:
+                    asyncio.run(open_loop(service.url, in_domain, 50, 2))
+                switched = time.monotonic()
+
+                async def shifted(offset: int = run * 3000) -> float | None:
+                    sender = asyncio.create_task(open_loop(service.url, clothing[offset:], 50, 90))
+                    try:
+                        while time.monotonic() - switched < 90:
+                            await asyncio.sleep(0.5)
+                            if await asyncio.to_thread(drift_flag, service) == 1.0:
+                                return time.monotonic() - switched
+                        return None
+                    finally:
+                        sender.cancel()
+
+                delay = asyncio.run(shifted())
+                delays.append(delay)
+                print(f"detection delay run {run + 1}: {delay if delay is None else round(delay, 1)} s", flush=True)
+        finally:
+            service.stop()
+        results["detection_delay_seconds"] = delays
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "monitoring.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("wrote bench/results/monitoring.json")
+
+
+if __name__ == "__main__":
+    main()

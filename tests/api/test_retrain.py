@@ -1,0 +1,129 @@
+"""Alert webhooks and admin retrain endpoints over HTTP, with the real payloads and a real retrain process."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.retrain.alerts import WebhookConfigurationError
+from app.settings import Settings
+from tests.conftest import ADMIN_TOKEN, WEBHOOK_TOKEN
+
+PAYLOADS = Path(__file__).resolve().parents[1] / "fixtures" / "payloads"
+HOOK = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def payload(name: str, **changes: Any) -> dict[str, Any]:
+    body = json.loads((PAYLOADS / name).read_text())
+    for alert in body["alerts"]:
+        alert.update(changes)
+    return body
+
+
+def wait_job(client: TestClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    """Until the job is recorded as done and its process let go of the retrain lock."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/retrain/jobs/{job_id}", headers=ADMIN).json()
+        if job["status"] != "running" and "sentiment_retrain_in_progress 0" in client.get("/metrics").text:
+            return job  # type: ignore[no-any-return]
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still running")
+
+
+@pytest.fixture
+def hooks(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings.model_copy(update={"retrain_cooldown_seconds": 3600}))) as client:
+        yield client
+
+
+def test_firing_alert_starts_one_retrain_and_its_resends_are_duplicates(hooks: TestClient) -> None:
+    first = hooks.post("/v1/webhooks/alertmanager", json=payload("alertmanager-firing.json"), headers=HOOK)
+    assert first.status_code == 202 and first.json()["status"] == "retrain_started" and first.json()["job_id"]
+    again = hooks.post("/v1/webhooks/alertmanager", json=payload("alertmanager-firing.json"), headers=HOOK)
+    assert again.status_code == 202 and again.json()["status"] in {"duplicate"}
+    job = wait_job(hooks, first.json()["job_id"])
+    # No feedback was ever labelled: nothing to learn, no copy of the same model.
+    assert job["status"] == "succeeded" and job["outcome"] == "skipped_no_new_labels"
+    assert job["trigger"] == "alertmanager"
+    # A new firing within the cooldown starts nothing.
+    later = payload("alertmanager-firing.json", fingerprint="another", startsAt="2026-11-27T02:00:00Z")
+    cooled = hooks.post("/v1/webhooks/alertmanager", json=later, headers=HOOK).json()
+    assert cooled["status"] == "cooldown" and cooled["retry_after_seconds"] > 3000
+
+
+def test_resolved_and_unconfigured_alerts_are_acknowledged_and_ignored(hooks: TestClient) -> None:
+    resolved = hooks.post("/v1/webhooks/alertmanager", json=payload("alertmanager-resolved.json"), headers=HOOK)
+    assert resolved.status_code == 202 and resolved.json()["status"] == "ignored"
+    other = payload("alertmanager-firing.json", labels={"alertname": "HighLatency"})
+    assert hooks.post("/v1/webhooks/alertmanager", json=other, headers=HOOK).json()["status"] == "ignored"
+    assert hooks.get("/v1/retrain/jobs", headers=ADMIN).json() == []
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {WEBHOOK_TOKEN}"}]
+)
+def test_webhooks_without_the_right_credentials_are_401_and_do_nothing(
+    hooks: TestClient, headers: dict[str, str]
+) -> None:
+    for path, name in (("alertmanager", "alertmanager-firing.json"), ("grafana", "grafana-firing.json")):
+        response = hooks.post(f"/v1/webhooks/{path}", json=payload(name), headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+    assert hooks.get("/v1/retrain/jobs", headers=ADMIN).json() == []
+
+
+def test_grafana_webhook_with_bearer_and_hmac_signature(settings: Settings) -> None:
+    signed = settings.model_copy(update={"grafana_hmac_secret": "hmac-key", "retrain_cooldown_seconds": 3600})
+    body = (PAYLOADS / "grafana-firing.json").read_bytes()
+    signature = hmac.new(b"hmac-key", body, hashlib.sha256).hexdigest()
+    headers = {**HOOK, "Content-Type": "application/json"}
+    with TestClient(create_app(signed)) as client:
+        unsigned = client.post("/v1/webhooks/grafana", content=body, headers=headers)
+        assert unsigned.status_code == 401
+        ok = client.post(
+            "/v1/webhooks/grafana", content=body, headers={**headers, "X-Grafana-Alerting-Signature": signature}
+        )
+        assert ok.status_code == 202 and ok.json()["status"] == "retrain_started"
+        wait_job(client, ok.json()["job_id"])
+
+
+def test_malformed_notifications_are_422(hooks: TestClient) -> None:
+    wrong_version = payload("alertmanager-firing.json") | {"version": "3"}
+    response = hooks.post("/v1/webhooks/alertmanager", json=wrong_version, headers=HOOK)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_input"
+    assert hooks.post("/v1/webhooks/grafana", json={"alerts": "x"}, headers=HOOK).status_code == 422
+    assert (
+        hooks.post(
+            "/v1/webhooks/grafana", content=b"{", headers={**HOOK, "Content-Type": "application/json"}
+        ).status_code
+        == 422
+    )
+
+
+def test_admin_endpoints_need_the_admin_token(hooks: TestClient) -> None:
+    for headers in ({}, HOOK, {"Authorization": "Bearer nope"}):
+        assert hooks.post("/v1/retrain", headers=headers).status_code == 401
+        assert hooks.get("/v1/retrain/jobs", headers=headers).status_code == 401
+    started = hooks.post("/v1/retrain", headers=ADMIN)
+    assert started.status_code == 202 and started.json()["status"] == "retrain_started"
+    job = wait_job(hooks, started.json()["job_id"])
+    assert job["trigger"] == "manual" and job["finished_at"]
+    assert [j["id"] for j in hooks.get("/v1/retrain/jobs", headers=ADMIN).json()] == [job["id"]]
+    missing = hooks.get("/v1/retrain/jobs/nope", headers=ADMIN)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
+
+
+def test_service_refuses_to_start_without_webhook_credentials(settings: Settings) -> None:
+    with pytest.raises(WebhookConfigurationError):
+        create_app(settings.model_copy(update={"webhook_token": None}))
+    create_app(settings.model_copy(update={"webhook_token": None, "allow_unauthenticated_webhooks": True}))
