@@ -24,16 +24,17 @@ class Settings(BaseSettings):
     def as_env(self) -> dict[str, str]:
         """These settings as ``SENTIMENT_*`` variables, for a child process (a retrain) to read back."""
         env = {}
-        for name, value in self.model_dump().items():
+        for name, raw in self.model_dump().items():
+            value = raw.get_secret_value() if isinstance(raw, SecretStr) else raw
             if value is None:
                 continue
-            if isinstance(value, SecretStr):
-                value = value.get_secret_value()
             if isinstance(value, bool):
-                value = "true" if value else "false"
+                text = "true" if value else "false"
             elif isinstance(value, list | dict):
-                value = json.dumps(value)
-            env[f"SENTIMENT_{name.upper()}"] = str(value)
+                text = json.dumps(value)
+            else:
+                text = str(value)
+            env[f"SENTIMENT_{name.upper()}"] = text
         return env
 
     def secret(self, name: str) -> str | None:

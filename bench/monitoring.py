@@ -154,7 +154,7 @@ def main() -> None:
                     asyncio.run(open_loop(service.url, in_domain, 50, 2))
                 switched = time.monotonic()
 
-                async def shifted(offset: int = run * 3000) -> float | None:
+                async def shifted(offset: int = run * 3000, switched: float = switched) -> float | None:
                     sender = asyncio.create_task(open_loop(service.url, clothing[offset:], 50, 90))
                     try:
                         while time.monotonic() - switched < 90:
