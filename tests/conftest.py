@@ -56,6 +56,14 @@ def _session_store(tmp_path_factory: pytest.TempPathFactory, small_corpus: Corpu
     return root, [first.version.version, second.version.version]
 
 
+@pytest.fixture(scope="session")
+def full_store(tmp_path_factory: pytest.TempPathFactory, rotten_tomatoes: Corpus) -> tuple[Path, str]:
+    """A store whose model is trained on the whole named corpus, as retraining needs (its base data)."""
+    root = tmp_path_factory.mktemp("full_store")
+    result = train_and_register(ModelRegistry(root), rotten_tomatoes, SMALL_PARAMS, progress=False)
+    return root, result.version.version
+
+
 @pytest.fixture
 def store(tmp_path: Path, _session_store: tuple[Path, list[str]]) -> ModelRegistry:
     """A private copy of the two-version store: tests may promote, roll back or tamper with it."""

@@ -149,3 +149,76 @@ def start_service(
         time.sleep(0.2)
     service.stop()
     raise RuntimeError(f"gunicorn did not become ready: {log_path.read_text()[-2000:]}")
+
+
+@dataclass
+class Daemon:
+    """A Prometheus or Alertmanager process on a loopback port, with its own data folder."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_handle: BinaryIO
+
+    def get(self, path: str, **params: str) -> dict[str, object]:
+        response = httpx.get(f"{self.url}{path}", params=params, timeout=10)
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_handle.close()
+
+
+def _start_daemon(command: list[str], port: int, log_path: Path) -> Daemon:
+    handle = log_path.open("wb")
+    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    daemon = Daemon(f"http://127.0.0.1:{port}", process, handle)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            handle.close()
+            raise RuntimeError(f"{command[0]} exited: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{daemon.url}/-/ready", timeout=1).status_code == 200:
+                return daemon
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    daemon.stop()
+    raise RuntimeError(f"{command[0]} did not become ready: {log_path.read_text()[-2000:]}")
+
+
+def start_prometheus(config: Path, workdir: Path) -> Daemon:
+    port = free_port()
+    return _start_daemon(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'prometheus-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-lifecycle",
+        ],
+        port,
+        workdir / "prometheus.log",
+    )
+
+
+def start_alertmanager(config: Path, workdir: Path) -> Daemon:
+    port = free_port()
+    return _start_daemon(
+        [
+            "prometheus-alertmanager",
+            f"--config.file={config}",
+            f"--storage.path={workdir / 'alertmanager-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        port,
+        workdir / "alertmanager.log",
+    )

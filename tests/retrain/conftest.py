@@ -12,31 +12,21 @@ import pytest
 
 from app.ml.data import LABELS, Corpus, load_tweets
 from app.ml.registry import ModelRegistry
-from app.ml.train import train_and_register
 from app.monitoring.prediction_log import PredictionLog
 from app.settings import Settings
-from tests.conftest import SMALL_PARAMS
-
-
-@pytest.fixture(scope="session")
-def _full_store(tmp_path_factory: pytest.TempPathFactory, rotten_tomatoes: Corpus) -> tuple[Path, str]:
-    """A store whose model is trained on the whole named corpus, as retraining needs (its base data)."""
-    root = tmp_path_factory.mktemp("full_store")
-    result = train_and_register(ModelRegistry(root), rotten_tomatoes, SMALL_PARAMS, progress=False)
-    return root, result.version.version
 
 
 @pytest.fixture
-def store(tmp_path: Path, _full_store: tuple[Path, str]) -> ModelRegistry:
+def store(tmp_path: Path, full_store: tuple[Path, str]) -> ModelRegistry:
     """Overrides the small-sample store: a private copy of the full-corpus store."""
     root = tmp_path / "model_store"
-    shutil.copytree(_full_store[0], root)
+    shutil.copytree(full_store[0], root)
     return ModelRegistry(root)
 
 
 @pytest.fixture
-def versions(_full_store: tuple[Path, str]) -> list[str]:
-    return [_full_store[1]]
+def versions(full_store: tuple[Path, str]) -> list[str]:
+    return [full_store[1]]
 
 
 @pytest.fixture(scope="session")
