@@ -1,15 +1,17 @@
 """Drift tests of a live window against a model version's held-out reference.
 
-Four tests, each sensitive to a different kind of change:
+Five tests, each sensitive to a different kind of change:
 
 - ``mmd``: alibi-detect's ``MMDDrift`` (PyTorch backend, permutation test) on the model's reduced TF-IDF
   features: what the texts are about and how they are written;
 - ``length``: two-sample Kolmogorov-Smirnov test of text length in characters;
+- ``length_tail``: exact binomial test of the share of texts outside the reference's 1st-99th length
+  percentiles (KS and MMD barely see a small minority of very different texts; this counts them);
 - ``confidence``: KS test of the model's confidence (the model meeting text it is unsure about);
 - ``label_mix``: chi-square test of the share of texts called positive (a change of label prior).
 
-The verdict is drift when any test's p-value falls below ``p_value / 4`` (Bonferroni), so the chance of
-a false alarm on in-domain traffic stays at most ``p_value`` for the four tests together.
+The verdict is drift when any test's p-value falls below ``p_value / 5`` (Bonferroni), so the chance of
+a false alarm on in-domain traffic stays at most ``p_value`` for the five tests together.
 
 This module imports torch through alibi-detect: only the drift monitor process imports it.
 """
@@ -22,11 +24,12 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.stats import chi2_contingency, ks_2samp
+from scipy.stats import binomtest, chi2_contingency, ks_2samp
 
 from app.ml.drift_reference import DriftReference, embed
 
-TESTS = ("mmd", "length", "confidence", "label_mix")
+TESTS = ("mmd", "length", "length_tail", "confidence", "label_mix")
+TAIL_PERCENTILES = (1.0, 99.0)
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,14 @@ class DriftDetector:
         positives = int((p_positive >= 0.5).sum())
         ref_pos = round(self.reference.positive_rate * self.reference.size)
         table = np.array([[positives, size - positives], [ref_pos, self.reference.size - ref_pos]])
+        low, high = np.percentile(self.reference.lengths, TAIL_PERCENTILES)
+        ref_tail = float(((self.reference.lengths < low) | (self.reference.lengths > high)).mean())
+        tail = int(((lengths < low) | (lengths > high)).sum())
         p_values = {
             "mmd": float(mmd["p_val"]),
             "length": float(ks_2samp(lengths, self.reference.lengths).pvalue),
+            "length_tail": float(binomtest(tail, size, max(ref_tail, 1.0 / self.reference.size),
+                                           alternative="greater").pvalue),
             "confidence": float(ks_2samp(confidence, self.reference.confidence).pvalue),
             "label_mix": float(chi2_contingency(table).pvalue) if table.sum(axis=0).all() else 1.0,
         }
@@ -132,6 +140,8 @@ class DriftDetector:
                 "corrected_threshold": self.corrected,
                 "tests_rejecting": sorted(k for k, v in p_values.items() if v < self.corrected),
                 "positive_rate": positives / size,
+                "length_tail_rate": tail / size,
+                "reference_length_tail_rate": ref_tail,
                 "reference_positive_rate": self.reference.positive_rate,
                 "mean_length": float(lengths.mean()),
                 "reference_mean_length": float(self.reference.lengths.mean()),

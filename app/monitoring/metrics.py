@@ -98,7 +98,7 @@ DRIFT_WINDOW_SIZE = Gauge(
 )
 DRIFT_TEST_P_VALUE = Gauge(
     "sentiment_drift_test_p_value",
-    "p-value of each drift test (mmd, length, confidence, label_mix) before correction.",
+    "p-value of each drift test (mmd, length, length_tail, confidence, label_mix) before correction.",
     ["test"],
     multiprocess_mode="mostrecent",
 )

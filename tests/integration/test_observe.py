@@ -132,7 +132,7 @@ def test_in_domain_traffic_stays_quiet_and_clothing_reviews_flip_the_drift_flag(
     assert flagged, "drift not detected"
     assert time.monotonic() - started < 60
     assert value(scrape(full_service), "sentiment_drift_detected") == 1.0
-    assert value(scrape(full_service), "sentiment_drift_p_value") < 0.0125
+    assert value(scrape(full_service), "sentiment_drift_p_value") < 0.01
     response = wait_for(
         lambda: (
             (r := httpx.post(f"{full_service.url}/v1/predict", json={"text": "Runs small, order a size up."}).json())[
