@@ -12,7 +12,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
-from app.monitoring.metrics import REQUEST_DURATION
+from app.monitoring.metrics import REQUEST_DURATION, REQUESTS_IN_PROGRESS
 
 log = structlog.get_logger("app.access")
 
@@ -55,6 +55,8 @@ class RequestContextMiddleware:
                 state["model_version"] = headers.get("x-model-version")
             await send(message)
 
+        if self.measure:
+            REQUESTS_IN_PROGRESS.inc()
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 replay = await self._read_body(scope, receive, send_with_id)
@@ -69,6 +71,7 @@ class RequestContextMiddleware:
                 # The route template, never the raw path: label values stay few whatever clients send.
                 route = getattr(scope.get("route"), "path", "unmatched")
                 if self.measure:
+                    REQUESTS_IN_PROGRESS.dec()
                     REQUEST_DURATION.labels(scope["method"], route, str(state["status"])).observe(elapsed)
                 log.info(
                     "request",

@@ -119,8 +119,9 @@ class DriftDetector:
         p_values = {
             "mmd": float(mmd["p_val"]),
             "length": float(ks_2samp(lengths, self.reference.lengths).pvalue),
-            "length_tail": float(binomtest(tail, size, max(ref_tail, 1.0 / self.reference.size),
-                                           alternative="greater").pvalue),
+            "length_tail": float(
+                binomtest(tail, size, max(ref_tail, 1.0 / self.reference.size), alternative="greater").pvalue
+            ),
             "confidence": float(ks_2samp(confidence, self.reference.confidence).pvalue),
             "label_mix": float(chi2_contingency(table).pvalue) if table.sum(axis=0).all() else 1.0,
         }

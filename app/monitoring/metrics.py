@@ -39,6 +39,11 @@ REQUEST_DURATION = Histogram(
     ["method", "route", "status"],
     buckets=LATENCY_BUCKETS,
 )
+REQUESTS_IN_PROGRESS = Gauge(
+    "sentiment_requests_in_progress",
+    "Requests being handled right now, over all live workers.",
+    multiprocess_mode="livesum",
+)
 INFERENCE_DURATION = Histogram(
     "sentiment_inference_duration_seconds",
     "Duration of one model call (a batch of concurrent requests' texts).",

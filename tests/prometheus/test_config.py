@@ -53,5 +53,5 @@ def test_alertmanager_config_is_valid_and_routes_drift_to_the_webhook_with_a_bea
     assert hook["url"].endswith("/v1/webhooks/alertmanager")
     assert hook["http_config"]["authorization"] == {
         "type": "Bearer",
-        "credentials_file": "/etc/alertmanager/secrets/webhook_token",
+        "credentials_file": "/run/secrets/webhook_token",
     }

@@ -1,0 +1,343 @@
+"""Grafana dashboards as code: ``python -m dashboards.build`` writes ``dashboards/json/*.json``.
+
+Plain dashboard JSON model (schemaVersion 39, Grafana 11/12), stable uids, every panel on the provisioned
+Prometheus datasource (uid ``sentiment-prometheus``). tests/dashboards checks the committed files equal
+this output and evaluates every query against a real Prometheus scraping the real service.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parent / "json"
+DATASOURCE = {"type": "prometheus", "uid": "sentiment-prometheus"}
+SCHEMA_VERSION = 39
+
+
+def target(expr: str, legend: str = "", ref: str = "A", fmt: str | None = None) -> dict[str, Any]:
+    t: dict[str, Any] = {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend or "__auto", "refId": ref}
+    if fmt:
+        t["format"] = fmt
+    return t
+
+
+def panel(
+    title: str,
+    targets: list[dict[str, Any]],
+    kind: str = "timeseries",
+    unit: str = "short",
+    description: str = "",
+    **options: Any,
+) -> dict[str, Any]:
+    p: dict[str, Any] = {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "targets": targets,
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": options,
+    }
+    return p
+
+
+def variable(name: str, label: str, query: str) -> dict[str, Any]:
+    return {
+        "type": "query",
+        "name": name,
+        "label": label,
+        "datasource": DATASOURCE,
+        "query": {"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+        "definition": query,
+        "includeAll": True,
+        "multi": True,
+        "allValue": ".*",
+        "current": {"text": "All", "value": "$__all"},
+        "refresh": 2,
+        "sort": 1,
+    }
+
+
+def dashboard(
+    uid: str,
+    title: str,
+    description: str,
+    rows: list[list[dict[str, Any]]],
+    variables: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    panels, y, next_id = [], 0, 1
+    for row in rows:
+        width = 24 // len(row)
+        for i, p in enumerate(row):
+            panels.append({**p, "id": next_id, "gridPos": {"h": 8, "w": width, "x": i * width, "y": y}})
+            next_id += 1
+        y += 8
+    return {
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": ["sentiment"],
+        "schemaVersion": SCHEMA_VERSION,
+        "version": 1,
+        "editable": True,
+        "timezone": "browser",
+        "refresh": "30s",
+        "time": {"from": "now-6h", "to": "now"},
+        "templating": {"list": variables or []},
+        "annotations": {"list": []},
+        "links": [],
+        "panels": panels,
+    }
+
+
+RATE = "$__rate_interval"
+ROUTE = 'route=~"$route"'
+VERSION = 'model_version=~"$model_version"'
+
+
+def quantiles(metric: str, selector: str) -> list[dict[str, Any]]:
+    return [
+        target(
+            f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{selector}}}[{RATE}])))",
+            f"p{int(q * 100)}",
+            ref,
+        )
+        for q, ref in ((0.5, "A"), (0.95, "B"), (0.99, "C"))
+    ]
+
+
+SERVICE = dashboard(
+    "sentiment-service",
+    "Sentiment / Service",
+    "Traffic, errors and latency of the HTTP API.",
+    [
+        [
+            panel(
+                "Request rate by route and status",
+                [
+                    target(
+                        f"sum by (route, status) (rate(sentiment_request_duration_seconds_count{{{ROUTE}}}[{RATE}]))",
+                        "{{route}} {{status}}",
+                    )
+                ],
+                unit="reqps",
+            ),
+            panel(
+                "5xx error ratio",
+                [
+                    target(
+                        f'(sum(rate(sentiment_request_duration_seconds_count{{status=~"5..", {ROUTE}}}[{RATE}])) or vector(0))'
+                        f" / sum(rate(sentiment_request_duration_seconds_count{{{ROUTE}}}[{RATE}]))",
+                        "5xx share",
+                    )
+                ],
+                unit="percentunit",
+                description="Client errors (4xx) are the client's and not counted.",
+            ),
+        ],
+        [
+            panel("Latency p50 / p95 / p99", quantiles("sentiment_request_duration_seconds", ROUTE), unit="s"),
+            panel(
+                "Latency heatmap",
+                [
+                    target(
+                        f"sum by (le) (increase(sentiment_request_duration_seconds_bucket{{{ROUTE}}}[{RATE}]))",
+                        "{{le}}",
+                        fmt="heatmap",
+                    )
+                ],
+                kind="heatmap",
+                unit="s",
+                calculate=False,
+                yAxis={"unit": "s"},
+            ),
+        ],
+        [
+            panel(
+                "Inference latency (one model call) p50 / p95 / p99",
+                quantiles("sentiment_inference_duration_seconds", ""),
+                unit="s",
+            ),
+            panel(
+                "In-flight work",
+                [
+                    target("sum(sentiment_requests_in_progress)", "requests in progress"),
+                    target("max(sentiment_retrain_in_progress)", "retrain running", "B"),
+                ],
+                unit="short",
+            ),
+        ],
+    ],
+    [variable("route", "Route", "label_values(sentiment_request_duration_seconds_count, route)")],
+)
+
+MODEL = dashboard(
+    "sentiment-model",
+    "Sentiment / Model",
+    "What the model predicts, how sure it is, and how right.",
+    [
+        [
+            panel(
+                "Confidence distribution",
+                [
+                    target(
+                        f"sum by (le) (increase(sentiment_prediction_confidence_bucket{{{VERSION}}}[{RATE}]))",
+                        "{{le}}",
+                        fmt="heatmap",
+                    )
+                ],
+                kind="heatmap",
+                unit="percentunit",
+                calculate=False,
+            ),
+            panel(
+                "Mean confidence over the drift window",
+                [target("max(sentiment_confidence_mean)", "mean confidence")],
+                unit="percentunit",
+            ),
+        ],
+        [
+            panel(
+                "Sentiment mix by model version",
+                [
+                    target(
+                        f"sum by (model_version, sentiment) (rate(sentiment_predictions_total{{{VERSION}}}[{RATE}]))",
+                        "{{model_version}} {{sentiment}}",
+                    )
+                ],
+                unit="reqps",
+            ),
+            panel(
+                "Current model version",
+                [target("max by (version) (sentiment_model_info) == 1", "{{version}}")],
+                kind="state-timeline",
+                description="1 while live workers serve the version.",
+            ),
+        ],
+        [
+            panel(
+                "Live accuracy (labelled feedback)",
+                [target("max(sentiment_live_accuracy)", "live accuracy")],
+                unit="percentunit",
+            ),
+            panel(
+                "Feedback rate by true label",
+                [target(f"sum by (sentiment) (rate(sentiment_feedback_total[{RATE}]))", "{{sentiment}}")],
+                unit="reqps",
+            ),
+        ],
+    ],
+    [variable("model_version", "Model version", "label_values(sentiment_predictions_total, model_version)")],
+)
+
+DRIFT = dashboard(
+    "sentiment-drift",
+    "Sentiment / Drift",
+    "The drift monitor: MMD and the univariate tests on the live window.",
+    [
+        [
+            panel(
+                "MMD score and threshold",
+                [
+                    target("max(sentiment_drift_score)", "MMD distance"),
+                    target("max(sentiment_drift_threshold)", "rejects above", "B"),
+                ],
+            ),
+            panel("MMD p-value", [target("min(sentiment_drift_p_value)", "p-value")], unit="none"),
+        ],
+        [
+            panel(
+                "Drift detected (combined verdict)",
+                [target("max(sentiment_drift_detected)", "drift")],
+                kind="state-timeline",
+            ),
+            panel(
+                "Test p-values (mmd, length, length tail, confidence, label mix)",
+                [target("min by (test) (sentiment_drift_test_p_value)", "{{test}}")],
+                unit="none",
+                description="The verdict is drift when any is below the corrected level (0.01 by default).",
+            ),
+        ],
+        [
+            panel("Window fill", [target("max(sentiment_drift_window_size)", "predictions in window")]),
+            panel(
+                "Drift checks by outcome and duration",
+                [
+                    target(f"sum by (outcome) (rate(sentiment_drift_checks_total[{RATE}]))", "{{outcome}}"),
+                    target(
+                        f"histogram_quantile(0.9, sum by (le) (rate(sentiment_drift_check_duration_seconds_bucket[{RATE}])))",
+                        "p90 check seconds",
+                        "B",
+                    ),
+                ],
+            ),
+        ],
+    ],
+)
+
+RETRAINING = dashboard(
+    "sentiment-retraining",
+    "Sentiment / Retraining",
+    "Guarded retrains: outcomes, durations, promotions.",
+    [
+        [
+            panel(
+                "Retrains by outcome (range)",
+                [target("sum by (outcome) (increase(sentiment_retrain_total[$__range]))", "{{outcome}}")],
+                kind="bargauge",
+            ),
+            panel("Retrain running", [target("max(sentiment_retrain_in_progress)", "running")], kind="state-timeline"),
+        ],
+        [
+            panel(
+                "Promotions and rejections",
+                [
+                    target(
+                        'sum(increase(sentiment_retrain_total{outcome="promoted"}[$__range])) or vector(0)', "promoted"
+                    ),
+                    target(
+                        'sum(increase(sentiment_retrain_total{outcome="rejected"}[$__range])) or vector(0)',
+                        "rejected",
+                        "B",
+                    ),
+                ],
+                kind="stat",
+            ),
+            panel(
+                "Retrain duration",
+                [
+                    target(
+                        f"sum(rate(sentiment_retrain_duration_seconds_sum[{RATE}])) / "
+                        f"sum(rate(sentiment_retrain_duration_seconds_count[{RATE}]))",
+                        "mean seconds",
+                    ),
+                    target(
+                        "max(sentiment_retrain_duration_seconds_sum) / max(sentiment_retrain_duration_seconds_count)",
+                        "mean since start",
+                        "B",
+                    ),
+                ],
+                unit="s",
+            ),
+        ],
+    ],
+)
+
+DASHBOARDS = {"service": SERVICE, "model": MODEL, "drift": DRIFT, "retraining": RETRAINING}
+
+
+def render() -> dict[str, str]:
+    return {f"{name}.json": json.dumps(d, indent=2, sort_keys=True) + "\n" for name, d in DASHBOARDS.items()}
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    for name, text in render().items():
+        (OUT / name).write_text(text)
+        print(f"wrote dashboards/json/{name}")
+
+
+if __name__ == "__main__":
+    main()
