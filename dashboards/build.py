@@ -128,7 +128,8 @@ SERVICE = dashboard(
                 "5xx error ratio",
                 [
                     target(
-                        f'(sum(rate(sentiment_request_duration_seconds_count{{status=~"5..", {ROUTE}}}[{RATE}])) or vector(0))'
+                        f'(sum(rate(sentiment_request_duration_seconds_count{{status=~"5..", {ROUTE}}}[{RATE}]))'
+                        " or vector(0))"
                         f" / sum(rate(sentiment_request_duration_seconds_count{{{ROUTE}}}[{RATE}]))",
                         "5xx share",
                     )
@@ -267,7 +268,8 @@ DRIFT = dashboard(
                 [
                     target(f"sum by (outcome) (rate(sentiment_drift_checks_total[{RATE}]))", "{{outcome}}"),
                     target(
-                        f"histogram_quantile(0.9, sum by (le) (rate(sentiment_drift_check_duration_seconds_bucket[{RATE}])))",
+                        "histogram_quantile(0.9, sum by (le) "
+                        f"(rate(sentiment_drift_check_duration_seconds_bucket[{RATE}])))",
                         "p90 check seconds",
                         "B",
                     ),
