@@ -18,7 +18,6 @@ import json
 import shutil
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import httpx
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
-from app.ml.data import LABELS, Corpus, load_clothing, load_rotten_tomatoes, load_tweets
+from app.ml.data import Corpus, load_clothing, load_rotten_tomatoes, load_tweets
 from app.ml.pipeline import ModelParams, build_pipeline
 from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
 from app.ml.train import split_holdout, train_and_register
@@ -36,6 +35,7 @@ from app.retrain.job import retrain
 from app.settings import Settings
 from bench.monitoring import open_loop, percentile
 from tests.integration.services import start_service
+from tests.traffic import log_predictions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FEEDBACK = 2000
@@ -47,25 +47,7 @@ def balanced(model: Any, corpus: Corpus) -> float:
 
 
 def log_feedback(store: PredictionLog, model: Any, version: str, corpus: Corpus) -> None:
-    proba = model.predict_proba(corpus.texts)[:, 1]
-    now = time.time()
-    rows = [
-        {
-            "id": uuid.uuid4().hex,
-            "created_at": now + i * 1e-4,
-            "text": t,
-            "text_length": len(t),
-            "sentiment": LABELS[int(p >= 0.5)],
-            "confidence": float(max(p, 1 - p)),
-            "p_positive": float(p),
-            "model_version": version,
-            "latency_ms": 1.0,
-        }
-        for i, (t, p) in enumerate(zip(corpus.texts, proba, strict=True))
-    ]
-    store.insert_predictions(rows)
-    for row, label in zip(rows, corpus.labels, strict=True):
-        store.set_label(row["id"], LABELS[int(label)], now=now + 1)
+    log_predictions(store, model, version, corpus.texts, corpus.labels)
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ from app.ml.registry import ModelRegistry
 from app.monitoring.feedback import FeedbackService
 from app.monitoring.prediction_log import PredictionLog
 from app.monitoring.status import DriftStatus
+from app.retrain.launcher import RetrainLauncher
+from app.retrain.webhooks import WebhookService
 from app.serving.models import ModelManager
 from app.serving.predictor import Predictor
 from app.settings import Settings
@@ -57,6 +59,14 @@ async def get_feedback(request: Request) -> FeedbackService:
     return request.app.state.feedback  # type: ignore[no-any-return]
 
 
+async def get_webhooks(request: Request) -> WebhookService:
+    return request.app.state.webhooks  # type: ignore[no-any-return]
+
+
+async def get_launcher(request: Request) -> RetrainLauncher:
+    return request.app.state.launcher  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 ModelsDep = Annotated[ModelManager, Depends(get_models)]
@@ -64,4 +74,6 @@ PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 PredictionLogDep = Annotated[PredictionLog, Depends(get_prediction_log)]
 DriftStatusDep = Annotated[DriftStatus, Depends(get_drift_status)]
 FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
+WebhooksDep = Annotated[WebhookService, Depends(get_webhooks)]
+LauncherDep = Annotated[RetrainLauncher, Depends(get_launcher)]
 JsonBody = Depends(require_json)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from app.api.deps import JsonBody, PredictionLogDep, SettingsDep
+from app.api.deps import JsonBody, LauncherDep, PredictionLogDep, SettingsDep, WebhooksDep
 from app.api.schemas import ErrorOut, RetrainJobOut, WebhookOut
 from app.errors import JobNotFoundError
 from app.monitoring.status import iso
 from app.retrain.alerts import UnauthorizedError
-from app.retrain.launcher import RetrainLauncher
 from app.retrain.webhooks import Source, WebhookService
 
 router = APIRouter(tags=["retrain"])
@@ -29,16 +28,6 @@ async def require_admin(request: Request, settings: SettingsDep) -> None:
         raise UnauthorizedError("admin token required")
 
 
-async def get_webhooks(request: Request) -> WebhookService:
-    return request.app.state.webhooks  # type: ignore[no-any-return]
-
-
-async def get_launcher(request: Request) -> RetrainLauncher:
-    return request.app.state.launcher  # type: ignore[no-any-return]
-
-
-WebhooksDep = Annotated[WebhookService, Depends(get_webhooks)]
-LauncherDep = Annotated[RetrainLauncher, Depends(get_launcher)]
 Admin = Depends(require_admin)
 
 

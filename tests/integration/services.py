@@ -109,6 +109,7 @@ def start_service(
         "SENTIMENT_STATE_DIR": str(log_path.parent / f"var-{port}"),
         "SENTIMENT_PORT": str(port),
         "SENTIMENT_WORKERS": str(workers),
+        "SENTIMENT_WEBHOOK_TOKEN": "integration-webhook-token",
         "SENTIMENT_RELOAD_INTERVAL_SECONDS": "0.5",
         "PYTHONUNBUFFERED": "1",
         **env,

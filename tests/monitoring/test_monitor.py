@@ -13,26 +13,11 @@ from app.ml.registry import LoadedModel, ModelRegistry
 from app.monitoring.monitor import DriftMonitor
 from app.monitoring.prediction_log import PredictionLog
 from app.settings import Settings
+from tests.traffic import log_predictions
 
 
-def log_predictions(store: PredictionLog, model: LoadedModel, texts: list[str], start: float) -> None:
-    proba = model.pipeline.predict_proba(texts)[:, 1]
-    store.insert_predictions(
-        [
-            {
-                "id": f"{model.version[-6:]}{start:.0f}{i:05d}",
-                "created_at": start + i * 0.001,
-                "text": t,
-                "text_length": len(t),
-                "sentiment": "positive" if p >= 0.5 else "negative",
-                "confidence": float(max(p, 1 - p)),
-                "p_positive": float(p),
-                "model_version": model.version,
-                "latency_ms": 1.0,
-            }
-            for i, (t, p) in enumerate(zip(texts, proba, strict=True))
-        ]
-    )
+def log_window(store: PredictionLog, model: LoadedModel, texts: list[str], start: float) -> None:
+    log_predictions(store, model.pipeline, model.version, texts, start=start)
 
 
 @pytest.fixture
@@ -57,7 +42,7 @@ def test_checks_are_stored_exported_and_only_rerun_when_due(
     first = monitor.step()
     assert first is not None and first.status == "insufficient_data"
     assert monitor.step() is None  # nothing new since
-    log_predictions(monitor.store, current, clothing_texts[:200], time.time())
+    log_window(monitor.store, current, clothing_texts[:200], time.time())
     result = monitor.step()
     assert result is not None and result.drift
     assert gauge("sentiment_drift_detected") == 1.0 and gauge("sentiment_drift_window_size") == 200
@@ -66,7 +51,7 @@ def test_checks_are_stored_exported_and_only_rerun_when_due(
         result.details["p_values"]["length"]
     )
     assert monitor.store.drift_history(1)[0]["status"] == "drift"
-    log_predictions(monitor.store, current, clothing_texts[200:230], time.time() + 1)
+    log_window(monitor.store, current, clothing_texts[200:230], time.time() + 1)
     assert monitor.step() is None  # 30 new predictions: fewer than every-50, interval not over
 
 
@@ -77,7 +62,7 @@ def test_a_new_current_version_gets_its_own_reference_and_window(
     versions: list[str],
     clothing_texts: list[str],
 ) -> None:
-    log_predictions(monitor.store, current, clothing_texts[:200], time.time())
+    log_window(monitor.store, current, clothing_texts[:200], time.time())
     assert monitor.step().drift  # type: ignore[union-attr]
     store.promote(versions[1])
     switched = monitor.step()

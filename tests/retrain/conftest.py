@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import shutil
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from app.ml.data import LABELS, Corpus, load_tweets
+from app.ml.data import Corpus, load_tweets
 from app.ml.registry import ModelRegistry
 from app.monitoring.prediction_log import PredictionLog
 from app.settings import Settings
+from tests.traffic import log_predictions
 
 
 @pytest.fixture
@@ -46,23 +45,6 @@ def add_feedback(store: PredictionLog, registry: ModelRegistry, corpus: Corpus, 
     """Log real predictions of the current model on ``corpus`` rows, then label them with the truth."""
     model = registry.load_current()
     assert model is not None
-    texts = corpus.texts[start : start + count]
-    proba = model.pipeline.predict_proba(texts)[:, 1]
-    now = time.time()
-    rows = [
-        {
-            "id": uuid.uuid4().hex,
-            "created_at": now + i * 1e-4,
-            "text": t,
-            "text_length": len(t),
-            "sentiment": LABELS[int(p >= 0.5)],
-            "confidence": float(max(p, 1 - p)),
-            "p_positive": float(p),
-            "model_version": model.version,
-            "latency_ms": 1.0,
-        }
-        for i, (t, p) in enumerate(zip(texts, proba, strict=True))
-    ]
-    store.insert_predictions(rows)
-    for row, label in zip(rows, corpus.labels[start : start + count], strict=True):
-        store.set_label(row["id"], LABELS[int(label)], now=now + 1)
+    log_predictions(
+        store, model.pipeline, model.version, corpus.texts[start : start + count], corpus.labels[start : start + count]
+    )
