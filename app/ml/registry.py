@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -183,6 +184,7 @@ class ModelRegistry:
         version = version or new_version_name()
         final = self._version_dir(version)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._prune_staging()
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".staging-{version}-"))
         try:
             hashes: dict[str, str] = {}
@@ -207,6 +209,15 @@ class ModelRegistry:
             raise
         log.info("model_registered", model_version=version, stage=stage)
         return ModelVersion(version, final, record)
+
+    def _prune_staging(self, older_than_seconds: float = 3600.0) -> None:
+        """Remove staging folders a killed writer left behind (never versions: they were not renamed)."""
+        cutoff = time.time() - older_than_seconds
+        for path in self.root.glob(".staging-*"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    shutil.rmtree(path)
+                    log.info("staging_pruned", path=path.name)
 
     def _set_stage(self, version: str, stage: Stage) -> None:
         entry = self.get(version)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,13 @@ def test_versions_lists_registered_folders_only(store: ModelRegistry, versions: 
 
 def test_empty_store_has_no_current_version(empty_store: ModelRegistry) -> None:
     assert empty_store.current_version() is None and empty_store.load_current() is None
+
+
+def test_staging_left_by_a_killed_writer_is_pruned_later(store: ModelRegistry) -> None:
+    stale = store.root / ".staging-vX-abc"
+    stale.mkdir()
+    os.utime(stale, (0, 0))  # an hour and more ago
+    fresh = store.root / ".staging-vY-def"
+    fresh.mkdir()
+    store.register({MODEL_ARTIFACT: lambda path: path.write_bytes(b"x")}, {"metrics": {}})
+    assert not stale.exists() and fresh.exists()
