@@ -55,6 +55,16 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float) -> 
     return latencies
 
 
+def wait_for_monitor(service: Service, timeout: float = 60) -> None:
+    """Until the drift monitor has started and checked once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(e.get("event") in {"drift_checked", "drift_detected"} for e in service.logs()):
+            return
+        time.sleep(0.5)
+    raise RuntimeError("the drift monitor did not start")
+
+
 def drift_flag(service: Service) -> float:
     for line in httpx.get(f"{service.url}/metrics", timeout=10).text.splitlines():
         if line.startswith("sentiment_drift_detected "):
@@ -97,6 +107,7 @@ def main() -> None:
             off.stop()
         on = start_service(store, tmp / "on.log", supervised=True)
         try:
+            wait_for_monitor(on)  # steady state: not the monitor's one-off torch import competing with wrk
             results["throughput_on"] = wrk(on.url, "bench/predict.lua", args.seconds, CONNECTIONS, env)
             results["drift_checks_during_load"] = sum(
                 1 for e in on.logs() if e.get("event") in {"drift_checked", "drift_detected"}
@@ -124,6 +135,7 @@ def main() -> None:
                 SENTIMENT_DRIFT_CHECK_INTERVAL_SECONDS=interval,
             )
             try:
+                wait_for_monitor(service)
                 asyncio.run(open_loop(service.url, in_domain, 100, 6))  # fill the window: checks are full tests
                 latencies = asyncio.run(open_loop(service.url, in_domain, 100, args.seconds))
                 checks = [e for e in service.logs() if e.get("event") in {"drift_checked", "drift_detected"}]

@@ -182,6 +182,17 @@ def retrain(settings: Settings, job_id: str, trigger: str) -> Outcome:
     return Outcome("promoted" if promote else "rejected", {"gate": gate}, version.version)
 
 
+def lower_priority() -> None:
+    """Run only on CPU time the web workers leave idle (SCHED_IDLE), falling back to the lowest nice.
+
+    Measured with nice 10 alone: p99 at 100 req/s rose from 4.7 ms to 48.5 ms during a retrain.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
+
+
 def _hold_lock(settings: Settings) -> int:
     """The launcher hands its locked descriptor over; run by hand, the job takes the lock itself."""
     inherited = os.environ.get(LOCK_FD_ENV)
@@ -206,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_level)
-    os.nice(10)  # below the web workers: a retrain must not move their latency
+    lower_priority()
     lock = _hold_lock(settings)
     store = PredictionLog(settings.prediction_log_url)
     structlog.contextvars.bind_contextvars(job_id=args.job_id)

@@ -32,6 +32,8 @@ log = structlog.get_logger(__name__)
 LOCK_FILE = ".retrain.lock"
 STATE_FILE = ".retrain-state.json"
 LOCK_FD_ENV = "SENTIMENT_RETRAIN_LOCK_FD"
+# One BLAS/OpenMP thread: a retrain must leave the second core to the web workers, not spin on it.
+SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class RetrainLauncher:
             process = subprocess.Popen(
                 [sys.executable, "-m", "app.retrain.job", job_id, "--trigger", trigger],
                 cwd=REPO_ROOT,
-                env={**os.environ, **self.job_env, LOCK_FD_ENV: str(fd)},
+                env={**os.environ, **self.job_env, **SINGLE_THREADED, LOCK_FD_ENV: str(fd)},
                 pass_fds=(fd,),
                 start_new_session=True,  # a worker's SIGTERM or restart does not take the retrain down
             )
