@@ -109,13 +109,14 @@ def start_service(
         "SENTIMENT_STATE_DIR": str(log_path.parent / f"var-{port}"),
         "SENTIMENT_PORT": str(port),
         "SENTIMENT_WORKERS": str(workers),
-        "SENTIMENT_WEBHOOK_TOKEN": "integration-webhook-token",
         "SENTIMENT_RELOAD_INTERVAL_SECONDS": "0.5",
         "PYTHONUNBUFFERED": "1",
         **env,
     }
     if store is not None:
         environment["SENTIMENT_MODEL_STORE"] = str(store.root)
+    if not {"SENTIMENT_WEBHOOK_TOKEN", "SENTIMENT_WEBHOOK_TOKEN_FILE"} & env.keys():
+        environment["SENTIMENT_WEBHOOK_TOKEN"] = "integration-webhook-token"  # the service needs one to start
     handle = log_path.open("wb")
     command = (
         [sys.executable, "-m", "app.supervisor"]
