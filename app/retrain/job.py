@@ -132,13 +132,11 @@ def retrain(settings: Settings, job_id: str, trigger: str) -> Outcome:
     )
     gate["decision"] = "promote" if promote else "reject"
 
+    holdout_texts = base_holdout.texts + feedback_holdout.texts
+    holdout_labels = np.concatenate([base_holdout.labels, feedback_holdout.labels])
     holdout = Corpus(
-        f"{base_name}+feedback holdout",
-        base_holdout.texts + feedback_holdout.texts,
-        np.concatenate([base_holdout.labels, feedback_holdout.labels]),
-        "",
+        f"{base_name}+feedback holdout", holdout_texts, holdout_labels, fingerprint_rows(holdout_texts, holdout_labels)
     )
-    holdout = Corpus(holdout.name, holdout.texts, holdout.labels, fingerprint_rows(holdout.texts, holdout.labels))
     report = classification_report(holdout.labels, candidate.predict_proba(holdout.texts)[:, 1])
     fitted = set(feedback_fit.texts)
     traffic = [r["text"] for r in store.window(REFERENCE_ROWS * 2, current.version) if r["text"] not in fitted]
