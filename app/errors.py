@@ -46,12 +46,6 @@ class InvalidInputError(SentimentServiceError):
     code = "invalid_input"
 
 
-class PayloadTooLargeError(SentimentServiceError):
-    """The request body exceeds the configured cap."""
-
-    code = "payload_too_large"
-
-
 class UnsupportedMediaTypeError(SentimentServiceError):
     """The request body is not JSON."""
 

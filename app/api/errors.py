@@ -17,7 +17,6 @@ from app.errors import (
     JobNotFoundError,
     ModelNotReadyError,
     ModelStoreError,
-    PayloadTooLargeError,
     PredictionNotFoundError,
     SentimentServiceError,
     StorageUnavailableError,
@@ -31,7 +30,6 @@ log = structlog.get_logger(__name__)
 
 STATUS_BY_ERROR: dict[type[SentimentServiceError], int] = {
     InvalidInputError: 422,
-    PayloadTooLargeError: 413,
     UnsupportedMediaTypeError: 415,
     VersionNotFoundError: 404,
     PredictionNotFoundError: 404,

@@ -24,17 +24,8 @@ def expected_calibration_error(labels: NDArray[np.int64], proba_positive: NDArra
     Predictions are grouped by their confidence (the larger of the two class probabilities) into equal-width
     bins; ECE is the sum over bins of (share of predictions) x |accuracy - mean confidence|.
     """
-    predicted = (proba_positive >= 0.5).astype(np.int64)
-    confidence = np.where(predicted == 1, proba_positive, 1.0 - proba_positive)
-    correct = (predicted == labels).astype(np.float64)
-    edges = np.linspace(0.5, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(ece)
+    rows = reliability_table(labels, proba_positive, bins)
+    return float(sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["count"]) / len(labels))
 
 
 def reliability_table(

@@ -43,8 +43,6 @@ class InferenceBatcher:
         self.measure = measure
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self.calls = 0
-        self.texts = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -108,8 +106,6 @@ class InferenceBatcher:
                     if not item.future.done():
                         item.future.set_exception(exc)
             else:
-                self.calls += 1
-                self.texts += len(texts)
                 start = 0
                 for item in batch:
                     end = start + len(item.texts)
