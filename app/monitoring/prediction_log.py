@@ -35,7 +35,9 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -105,6 +107,7 @@ webhook_alerts = Table(
     Column("identity", String(255), primary_key=True),  # fingerprint@startsAt: one firing of one alert
     Column("source", String(16), nullable=False),
     Column("received_at", Float, nullable=False),
+    Column("job_id", String(32), nullable=True),  # the retrain it started; released unless that promotes
 )
 
 
@@ -156,11 +159,19 @@ class PredictionLog:
         for attempt in range(5):
             try:
                 metadata.create_all(self.engine, checkfirst=True)
+                self._add_missing_columns()
                 return
             except OperationalError:
                 if attempt == 4:
                     raise
                 time.sleep(0.1 * (attempt + 1))
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since a table was first created (``create_all`` never alters a table)."""
+        present = {c["name"] for c in inspect(self.engine).get_columns(webhook_alerts.name)}
+        if "job_id" not in present:
+            with contextlib.suppress(OperationalError), self.engine.begin() as conn:  # another process won
+                conn.execute(text(f"ALTER TABLE {webhook_alerts.name} ADD COLUMN job_id VARCHAR(32)"))
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -302,7 +313,7 @@ class PredictionLog:
 
     # -- retrain bookkeeping ---------------------------------------------------------------------
     def unseen_alerts(self, identities: Sequence[str]) -> list[str]:
-        """The alert firings not acted on before."""
+        """The alert firings no running or promoting retrain has claimed."""
         with self.engine.connect() as conn:
             seen = {
                 r[0]
@@ -312,33 +323,22 @@ class PredictionLog:
             }
         return [i for i in identities if i not in seen]
 
-    def claim_alerts(self, identities: Sequence[str], source: str, now: float | None = None) -> list[str]:
-        """Record alert firings; return the ones not seen before (re-sends are not new)."""
-        fresh = []
-        with self.engine.begin() as conn:
-            for identity in identities:
-                seen = conn.execute(
-                    select(webhook_alerts.c.identity).where(webhook_alerts.c.identity == identity)
-                ).first()
-                if seen is None:
-                    conn.execute(
-                        insert(webhook_alerts).values(identity=identity, source=source, received_at=now or time.time())
-                    )
-                    fresh.append(identity)
-        return fresh
-
-    def create_job(self, job_id: str, trigger: str, reason: str, now: float | None = None) -> None:
+    def create_job(
+        self, job_id: str, trigger: str, reason: str, now: float | None = None, alerts: Sequence[str] = ()
+    ) -> None:
+        """Record a started job and, in the same transaction, claim the alert firings that started it."""
+        now = now or time.time()
         with self.engine.begin() as conn:
             conn.execute(
                 insert(retrain_jobs).values(
-                    id=job_id,
-                    trigger=trigger,
-                    reason=reason,
-                    status="running",
-                    started_at=now or time.time(),
-                    details="{}",
+                    id=job_id, trigger=trigger, reason=reason, status="running", started_at=now, details="{}"
                 )
             )
+            for identity in alerts:
+                conn.execute(delete(webhook_alerts).where(webhook_alerts.c.identity == identity))
+                conn.execute(
+                    insert(webhook_alerts).values(identity=identity, source=trigger, received_at=now, job_id=job_id)
+                )
 
     def finish_job(
         self,
@@ -350,6 +350,8 @@ class PredictionLog:
         candidate_version: str | None = None,
         now: float | None = None,
     ) -> None:
+        """Record how a job ended. Unless it promoted a model, the firings it claimed are released: the
+        alert's next re-send (after the cooldown) may start another retrain, on the labels gathered since."""
         with self.engine.begin() as conn:
             conn.execute(
                 update(retrain_jobs)
@@ -362,22 +364,24 @@ class PredictionLog:
                     details=json.dumps(details, sort_keys=True),
                 )
             )
+            if outcome != "promoted":
+                conn.execute(delete(webhook_alerts).where(webhook_alerts.c.job_id == job_id))
 
     def fail_running_jobs(self, reason: str) -> int:
         """Mark jobs still 'running' as failed (called when no retrain holds the lock)."""
         with self.engine.begin() as conn:
-            return int(
-                conn.execute(
-                    update(retrain_jobs)
-                    .where(retrain_jobs.c.status == "running")
-                    .values(
-                        status="failed",
-                        outcome="failed",
-                        finished_at=time.time(),
-                        details=json.dumps({"error": reason}),
-                    )
-                ).rowcount
+            running = [r[0] for r in conn.execute(select(retrain_jobs.c.id).where(retrain_jobs.c.status == "running"))]
+            if not running:
+                return 0
+            conn.execute(
+                update(retrain_jobs)
+                .where(retrain_jobs.c.id.in_(running))
+                .values(
+                    status="failed", outcome="failed", finished_at=time.time(), details=json.dumps({"error": reason})
+                )
             )
+            conn.execute(delete(webhook_alerts).where(webhook_alerts.c.job_id.in_(running)))
+            return len(running)
 
     def jobs(self, limit: int = 50, job_id: str | None = None) -> list[dict[str, Any]]:
         query = select(retrain_jobs).order_by(retrain_jobs.c.started_at.desc()).limit(limit)

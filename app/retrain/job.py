@@ -9,7 +9,8 @@ Gate: the candidate and the current model are scored on the same held-out data, 
 holdout and the feedback holdout (a fixed hash of the prediction id puts a row there for good), by
 balanced accuracy. The candidate is promoted only if it is better on the feedback holdout and loses at
 most ``SENTIMENT_RETRAIN_PROMOTION_MARGIN`` on the base holdout; otherwise it is registered as
-``rejected``. Its drift reference is recent traffic it was not fitted on, so once it is promoted the
+``rejected``, and the next retrain waits for ``SENTIMENT_RETRAIN_MIN_LABELS`` labels newer than the ones
+it tried. Its drift reference is recent traffic it was not fitted on, so once it is promoted the
 monitor compares live traffic with the traffic the new model was made for.
 """
 
@@ -84,6 +85,23 @@ def balanced(model: Any, corpus: Corpus) -> float:
     return float(balanced_accuracy_score(corpus.labels, predicted))
 
 
+def labels_tried(registry: ModelRegistry, current: LoadedModel) -> tuple[float, str]:
+    """Up to when feedback labels were already tried, and by which version: the current model's own
+    training data, or a candidate fitted since on top of it and rejected. A retry needs labels newer
+    than that, so a drift alert that keeps firing never refits the same data twice."""
+
+    def through_of(metadata: dict[str, Any]) -> float:
+        return float(metadata.get("data", {}).get("feedback", {}).get("through", 0.0))
+
+    tried = [(through_of(current.metadata), current.version)]
+    tried += [
+        (through_of(v.metadata), v.version)
+        for v in registry.versions()
+        if v.stage == "rejected" and v.metadata.get("parent") == current.version
+    ]
+    return max(tried)
+
+
 def retrain(settings: Settings, job_id: str, trigger: str) -> Outcome:
     registry = ModelRegistry(settings.model_store)
     store = PredictionLog(settings.prediction_log_url)
@@ -91,13 +109,18 @@ def retrain(settings: Settings, job_id: str, trigger: str) -> Outcome:
     if current is None:
         raise RuntimeError("no current model to improve on")
     data_meta = current.metadata.get("data", {})
-    through = float(data_meta.get("feedback", {}).get("through", 0.0))
+    through, tried_by = labels_tried(registry, current)
     labelled = store.labelled()
     new = [r for r in labelled if r["labelled_at"] > through]
     if not new:
-        return Outcome("skipped_no_new_labels", {"labelled_rows": len(labelled), "through": through})
+        return Outcome(
+            "skipped_no_new_labels", {"labelled_rows": len(labelled), "through": through, "tried_by": tried_by}
+        )
     if len(new) < settings.retrain_min_labels:
-        return Outcome("skipped_too_few_labels", {"new_labels": len(new), "needed": settings.retrain_min_labels})
+        return Outcome(
+            "skipped_too_few_labels",
+            {"new_labels": len(new), "needed": settings.retrain_min_labels, "tried_by": tried_by},
+        )
 
     fraction = settings.retrain_feedback_holdout_fraction
     feedback_fit = corpus_of("feedback:fit", [r for r in labelled if not in_feedback_holdout(r["id"], fraction)])

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +83,8 @@ class RetrainLauncher:
             if failed:
                 log.error("retrain_failed", reason="process died", jobs=failed)
 
-    def start(self, trigger: str, reason: str) -> Launch:
-        """Start a retrain unless one is running or the cooldown has not passed."""
+    def start(self, trigger: str, reason: str, alerts: Sequence[str] = ()) -> Launch:
+        """Start a retrain unless one is running or the cooldown has not passed; it claims ``alerts``."""
         self.store_root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.store_root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -99,7 +100,7 @@ class RetrainLauncher:
             if wait > 0:
                 return Launch("cooldown", retry_after_seconds=round(wait, 1))
             job_id = uuid.uuid4().hex
-            self.jobs.create_job(job_id, trigger, reason, now)
+            self.jobs.create_job(job_id, trigger, reason, now, alerts)
             state = self.store_root / STATE_FILE
             tmp = state.with_suffix(".tmp")
             tmp.write_text(json.dumps({"last_started_at": now, "job_id": job_id}))

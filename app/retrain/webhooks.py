@@ -46,9 +46,12 @@ class WebhookService:
     def handle(self, source: Source, headers: Mapping[str, str], body: bytes) -> WebhookResult:
         """Act on one notification. Credentials first: nothing is parsed for an unauthenticated caller.
 
-        Only ``firing`` alerts with a configured name count. A firing already acted on (same fingerprint
-        and start time: Alertmanager re-sends every repeat_interval) is a ``duplicate``; a firing that met
-        a running retrain or the cooldown is not consumed, so a later re-send can still start one.
+        Only ``firing`` alerts with a configured name count. A firing (same fingerprint and start time:
+        Alertmanager and Grafana re-send it every repeat_interval) that started a retrain is claimed by it:
+        re-sends are ``duplicate`` while that retrain runs, and for good once it promotes a model. A retrain
+        that rejects its candidate, skips or fails releases the firing, and a firing that met a running
+        retrain or the cooldown is not consumed: as long as the drift lasts, a later re-send tries again,
+        at most once per cooldown, on the labels gathered since.
         """
         self.auth.verify(source, headers, body)
         try:
@@ -61,12 +64,11 @@ class WebhookService:
             reason = "resolved" if notification.status == "resolved" else "no configured alert is firing"
             log.info("webhook_ignored", source=source, reason=reason, alerts=len(notification.alerts))
             return WebhookResult("ignored", alerts=len(notification.alerts), detail=reason)
-        identities = [a.identity for a in firing]
-        if not self.store.unseen_alerts(identities):
+        unseen = self.store.unseen_alerts([a.identity for a in firing])
+        if not unseen:
             log.info("webhook_duplicate", source=source, alerts=len(firing))
-            return WebhookResult("duplicate", alerts=len(firing), detail="these firings were already acted on")
-        launch = self.launcher.start(trigger=source, reason=", ".join(sorted({a.name for a in firing})))
-        if launch.action == "retrain_started":
-            self.store.claim_alerts(identities, source)
+            return WebhookResult("duplicate", alerts=len(firing), detail="a retrain already acts on these firings")
+        reason = ", ".join(sorted({a.name for a in firing}))
+        launch = self.launcher.start(trigger=source, reason=reason, alerts=unseen)
         log.info("webhook_handled", source=source, status=launch.action, job_id=launch.job_id)
         return WebhookResult(launch.action, launch.job_id, len(firing), retry_after_seconds=launch.retry_after_seconds)

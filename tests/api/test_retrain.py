@@ -47,7 +47,7 @@ def hooks(settings: Settings) -> Iterator[TestClient]:
         yield client
 
 
-def test_firing_alert_starts_one_retrain_and_its_resends_are_duplicates(hooks: TestClient) -> None:
+def test_firing_alert_starts_one_retrain_its_resends_are_duplicates_while_it_runs(hooks: TestClient) -> None:
     first = hooks.post("/v1/webhooks/alertmanager", json=payload("alertmanager-firing.json"), headers=HOOK)
     assert first.status_code == 202 and first.json()["status"] == "retrain_started" and first.json()["job_id"]
     again = hooks.post("/v1/webhooks/alertmanager", json=payload("alertmanager-firing.json"), headers=HOOK)
@@ -60,6 +60,21 @@ def test_firing_alert_starts_one_retrain_and_its_resends_are_duplicates(hooks: T
     later = payload("alertmanager-firing.json", fingerprint="another", startsAt="2026-11-27T02:00:00Z")
     cooled = hooks.post("/v1/webhooks/alertmanager", json=later, headers=HOOK).json()
     assert cooled["status"] == "cooldown" and cooled["retry_after_seconds"] > 3000
+    # The skipped retrain released its firing: the drift persists, so its next re-send may try again
+    # once the cooldown has passed.
+    resent = hooks.post("/v1/webhooks/alertmanager", json=payload("alertmanager-firing.json"), headers=HOOK).json()
+    assert resent["status"] == "cooldown"
+
+
+def test_a_firing_whose_retrain_did_not_promote_is_retried_by_its_next_resend(settings: Settings) -> None:
+    with TestClient(create_app(settings.model_copy(update={"retrain_cooldown_seconds": 0}))) as client:
+        body = payload("alertmanager-firing.json")
+        first = client.post("/v1/webhooks/alertmanager", json=body, headers=HOOK).json()
+        assert wait_job(client, first["job_id"])["outcome"] == "skipped_no_new_labels"
+        again = client.post("/v1/webhooks/alertmanager", json=body, headers=HOOK).json()
+        assert again["status"] == "retrain_started" and again["job_id"] != first["job_id"]
+        wait_job(client, again["job_id"])
+        assert len(client.get("/v1/retrain/jobs", headers=ADMIN).json()) == 2
 
 
 def test_resolved_and_unconfigured_alerts_are_acknowledged_and_ignored(hooks: TestClient) -> None:

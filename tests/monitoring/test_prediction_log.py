@@ -120,3 +120,36 @@ def test_recorder_survives_a_failing_database_and_counts_it(tmp_path: Path) -> N
     assert asyncio.run(scenario()) == 3  # kept for the next attempt
     assert errors("write_failed") == before_failed + 1
     assert errors("dropped") == before_dropped + 1  # 6 rows, room for 5
+
+
+def test_alert_firings_stay_claimed_only_by_a_running_or_promoting_retrain(store: PredictionLog) -> None:
+    store.create_job("a", "alertmanager", "SentimentDriftDetected", now=1.0, alerts=["f1@t1"])
+    assert store.unseen_alerts(["f1@t1", "f2@t2"]) == ["f2@t2"]
+    store.finish_job("a", "succeeded", "promoted", {})
+    assert store.unseen_alerts(["f1@t1"]) == []  # acted on for good
+    store.create_job("b", "grafana", "SentimentDriftDetected", now=2.0, alerts=["f2@t2"])
+    store.finish_job("b", "succeeded", "rejected", {})
+    assert store.unseen_alerts(["f2@t2"]) == ["f2@t2"]  # released: a re-send may retry
+    store.create_job("c", "grafana", "SentimentDriftDetected", now=3.0, alerts=["f2@t2"])
+    assert store.fail_running_jobs("killed") == 1
+    assert store.unseen_alerts(["f2@t2"]) == ["f2@t2"]
+    assert [j["status"] for j in store.jobs()] == ["failed", "succeeded", "succeeded"]
+
+
+def test_a_log_created_before_claims_had_a_job_gains_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE webhook_alerts (identity VARCHAR(255) PRIMARY KEY, source VARCHAR(16) NOT NULL,"
+            " received_at FLOAT NOT NULL)"
+        )
+        conn.execute("INSERT INTO webhook_alerts VALUES ('old@t0', 'alertmanager', 1.0)")
+    old = PredictionLog(f"sqlite:///{path}")
+    old.create_tables()
+    old.create_job("a", "alertmanager", "SentimentDriftDetected", alerts=["new@t1"])
+    assert old.unseen_alerts(["old@t0", "new@t1", "x@t2"]) == ["x@t2"]
+    old.finish_job("a", "succeeded", "skipped_no_new_labels", {})
+    assert old.unseen_alerts(["old@t0", "new@t1"]) == ["new@t1"]
+    old.dispose()

@@ -71,3 +71,11 @@ def test_a_candidate_that_is_not_better_is_registered_as_rejected(
     assert result.outcome == "rejected"
     assert store.current_version() == versions[0]
     assert store.get(result.candidate_version).stage == "rejected"  # type: ignore[arg-type]
+    # The alert keeps firing: a retry refits only once enough labels newer than the rejected try arrive.
+    retry = retrain(strict, "job-2", "manual")
+    assert retry.outcome == "skipped_no_new_labels" and retry.details["tried_by"] == result.candidate_version
+    add_feedback(prediction_log, store, flipped, 300, 20)
+    retry = retrain(strict, "job-3", "manual")
+    assert retry.outcome == "skipped_too_few_labels" and retry.details["new_labels"] == 20
+    add_feedback(prediction_log, store, flipped, 320, 100)
+    assert retrain(strict, "job-4", "manual").outcome == "rejected"
