@@ -53,7 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = ModelRegistry(settings.model_store)
-        manager = ModelManager(registry, settings.reload_interval_seconds)
+        manager = ModelManager(
+            registry, settings.reload_interval_seconds, load_lock=settings.state_dir / "model-load.lock"
+        )
         await asyncio.to_thread(manager.sync)
         if not manager.ready:
             log.error(

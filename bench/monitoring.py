@@ -33,16 +33,23 @@ from bench.serving import CONNECTIONS, RESULTS, wrk
 from tests.integration.services import Service, start_service
 
 
-async def open_loop(url: str, texts: list[str], rate: float, seconds: float) -> list[float]:
-    """Send one request every 1/rate s regardless of responses; return each latency in ms."""
+async def open_loop(
+    url: str, texts: list[str], rate: float, seconds: float, sent_at: list[float] | None = None
+) -> list[float]:
+    """Send one request every 1/rate s regardless of responses; return each latency in ms.
+
+    With ``sent_at``, the wall-clock send time of each request is appended to it, in the same order.
+    """
     latencies: list[float] = []
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=64)) as client:
 
         async def one(text: str) -> None:
-            started = time.perf_counter()
+            wall, started = time.time(), time.perf_counter()
             response = await client.post("/v1/predict", json={"text": text})
             response.raise_for_status()
             latencies.append((time.perf_counter() - started) * 1000)
+            if sent_at is not None:
+                sent_at.append(wall)
 
         tasks = []
         begin = time.perf_counter()

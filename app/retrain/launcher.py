@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -31,6 +32,10 @@ from app.settings import REPO_ROOT
 log = structlog.get_logger(__name__)
 
 LOCK_FILE = ".retrain.lock"
+_CHRT = shutil.which("chrt")
+IDLE_PRIORITY = [_CHRT, "--idle", "0"] if _CHRT else []
+"""Start the retrain at SCHED_IDLE already, so its imports (over a second of CPU) do not compete with the
+workers either; the job lowers its own priority again for when it is started by hand."""
 STATE_FILE = ".retrain-state.json"
 LOCK_FD_ENV = "SENTIMENT_RETRAIN_LOCK_FD"
 # One BLAS/OpenMP thread: a retrain must leave the second core to the web workers, not spin on it.
@@ -106,7 +111,7 @@ class RetrainLauncher:
             tmp.write_text(json.dumps({"last_started_at": now, "job_id": job_id}))
             tmp.replace(state)
             process = subprocess.Popen(
-                [sys.executable, "-m", "app.retrain.job", job_id, "--trigger", trigger],
+                [*IDLE_PRIORITY, sys.executable, "-m", "app.retrain.job", job_id, "--trigger", trigger],
                 cwd=REPO_ROOT,
                 env={**os.environ, **self.job_env, **SINGLE_THREADED, LOCK_FD_ENV: str(fd)},
                 pass_fds=(fd,),

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import sys
+import threading
+import time
+from pathlib import Path
+
 import pytest
 from structlog.testing import capture_logs
 
@@ -50,3 +56,17 @@ def test_no_model_means_not_ready(empty_store: ModelRegistry) -> None:
     assert not manager.ready
     with pytest.raises(ModelNotReadyError):
         _ = manager.current
+
+
+def test_workers_of_a_host_take_turns_loading(store: ModelRegistry, versions: list[str], tmp_path: Path) -> None:
+    lock = tmp_path / "model-load.lock"
+    manager = ModelManager(store, reload_interval=1, load_lock=lock)
+    with lock.open("a+") as other_worker:
+        fcntl.flock(other_worker, fcntl.LOCK_EX)  # another worker is loading
+        loader = threading.Thread(target=manager.sync)
+        loader.start()
+        time.sleep(1.0)
+        assert loader.is_alive() and not manager.ready  # waits its turn
+    loader.join(30)
+    assert manager.current.version == versions[0]
+    assert sys.getswitchinterval() == pytest.approx(0.005)  # restored after the load
