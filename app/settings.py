@@ -71,7 +71,9 @@ class Settings(BaseSettings):
     max_body_bytes: PositiveInt = Field(1_048_576, description="Largest accepted request body, in bytes.")
 
     # Monitoring: prediction log, metrics, feedback
-    state_dir: Path = Field(REPO_ROOT / "var", description="Folder for the default SQLite prediction log.")
+    state_dir: Path = Field(
+        REPO_ROOT / "var", description="Folder for the default SQLite prediction log and the workers' model-load lock."
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the prediction log; default sqlite:///<state_dir>/predictions.db."
     )
