@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -32,10 +33,6 @@ from app.settings import REPO_ROOT
 log = structlog.get_logger(__name__)
 
 LOCK_FILE = ".retrain.lock"
-_CHRT = shutil.which("chrt")
-IDLE_PRIORITY = [_CHRT, "--idle", "0"] if _CHRT else []
-"""Start the retrain at SCHED_IDLE already, so its imports (over a second of CPU) do not compete with the
-workers either; the job lowers its own priority again for when it is started by hand."""
 STATE_FILE = ".retrain-state.json"
 LOCK_FD_ENV = "SENTIMENT_RETRAIN_LOCK_FD"
 # One BLAS/OpenMP thread: a retrain must leave the second core to the web workers, not spin on it.
@@ -64,6 +61,21 @@ def retrain_running(store_root: Path) -> bool:
     finally:
         os.close(fd)  # closing drops the probe's own lock, if it got one
     return False
+
+
+@functools.cache
+def idle_priority() -> list[str]:
+    """A command prefix that starts the retrain at SCHED_IDLE already, so its imports (over a second of
+    CPU) do not compete with the workers either: ``chrt --idle 0`` if it works here (a seccomp profile
+    may refuse it), else nothing, and the job lowers its own priority once it runs."""
+    chrt = shutil.which("chrt")
+    if chrt is None:
+        return []
+    try:
+        subprocess.run([chrt, "--idle", "0", "true"], check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [chrt, "--idle", "0"]
 
 
 class RetrainLauncher:
@@ -111,7 +123,7 @@ class RetrainLauncher:
             tmp.write_text(json.dumps({"last_started_at": now, "job_id": job_id}))
             tmp.replace(state)
             process = subprocess.Popen(
-                [*IDLE_PRIORITY, sys.executable, "-m", "app.retrain.job", job_id, "--trigger", trigger],
+                [*idle_priority(), sys.executable, "-m", "app.retrain.job", job_id, "--trigger", trigger],
                 cwd=REPO_ROOT,
                 env={**os.environ, **self.job_env, **SINGLE_THREADED, LOCK_FD_ENV: str(fd)},
                 pass_fds=(fd,),
