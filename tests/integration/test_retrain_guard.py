@@ -50,7 +50,8 @@ def test_fifty_concurrent_identical_alerts_start_exactly_one_retrain(store: Mode
         with ThreadPoolExecutor(50) as pool:
             statuses = list(pool.map(post, range(50)))
         assert statuses.count("retrain_started") == 1, statuses
-        assert set(statuses) <= {"retrain_started", "already_running", "duplicate"}
+        # A late one may find the retrain over (no labels: it released the firing) and meet the cooldown.
+        assert set(statuses) <= {"retrain_started", "already_running", "duplicate", "cooldown"}
         assert len(jobs(service)) == 1
         served_by = {
             e["pid"]
