@@ -2,7 +2,6 @@
 
 # No "from __future__ import annotations": the request models are local to build_router, and FastAPI
 # must see them as real classes, not strings, to read them from the body.
-from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -28,7 +27,7 @@ def build_router(settings: Settings) -> APIRouter:
     ) -> dict[str, Any]:
         (prediction,) = await predictor.predict([body.text])  # type: ignore[attr-defined]
         response.headers["X-Model-Version"] = prediction.model_version
-        return {**asdict(prediction), "drift": drift.summary}
+        return {**prediction.as_dict(), "drift": drift.summary}
 
     @router.post("/predict/batch", response_model=BatchPredictionOut, summary="Classify several texts")
     async def predict_batch(
@@ -40,6 +39,6 @@ def build_router(settings: Settings) -> APIRouter:
         predictions = await predictor.predict(body.texts)  # type: ignore[attr-defined]
         version = predictions[0].model_version
         response.headers["X-Model-Version"] = version
-        return {"predictions": [asdict(p) for p in predictions], "model_version": version, "drift": drift.summary}
+        return {"predictions": [p.as_dict() for p in predictions], "model_version": version, "drift": drift.summary}
 
     return router

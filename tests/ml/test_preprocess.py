@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import joblib
 import pytest
+from nltk.sentiment.util import mark_negation as nltk_mark_negation
 
+from app.ml import preprocess
+from app.ml.data import Corpus, load_clothing, load_rotten_tomatoes, load_tweets
 from app.ml.preprocess import WordAnalyzer, normalize, tokenize
 
 
@@ -35,3 +40,11 @@ def test_word_analyzer_round_trips_through_joblib(tmp_path) -> None:
     joblib.dump(WordAnalyzer((1, 3)), path)
     restored = joblib.load(path)
     assert restored("not a good movie") == WordAnalyzer((1, 3))("not a good movie")
+
+
+@pytest.mark.parametrize("loader", [load_rotten_tomatoes, load_tweets, load_clothing])
+def test_negation_marking_is_nltks_token_for_token_on_real_text(loader: Callable[[], Corpus]) -> None:
+    texts = [*loader().texts[:3000], "no no never good .", "not ; nothing bad", "isn't it ? won't"]
+    for text in texts:
+        tokens = [preprocess._stem(t) for t in preprocess._TOKENIZER.tokenize(normalize(text))]
+        assert preprocess.mark_negation(list(tokens)) == nltk_mark_negation(list(tokens), shallow=True), text
