@@ -71,11 +71,16 @@ class Predictor:
 
     def _record(self, texts: list[str], predictions: list[Prediction], latency_ms: float) -> None:
         now = time.time()
+        version = predictions[0].model_version  # one call, one model
+        confidences: dict[str, list[float]] = {}
+        for p in predictions:
+            confidences.setdefault(p.sentiment, []).append(p.confidence)
+        for sentiment, values in confidences.items():
+            metrics.PREDICTIONS.labels(version, sentiment).inc(len(values))
+            metrics.observe_many(metrics.PREDICTION_CONFIDENCE.labels(version, sentiment), values)
+        metrics.observe_many(metrics.TEXT_LENGTH, [len(text) for text in texts])
         rows: list[dict[str, Any]] = []
         for text, p in zip(texts, predictions, strict=True):
-            metrics.PREDICTIONS.labels(p.model_version, p.sentiment).inc()
-            metrics.PREDICTION_CONFIDENCE.labels(p.model_version, p.sentiment).observe(p.confidence)
-            metrics.TEXT_LENGTH.observe(len(text))
             rows.append(
                 {
                     "id": p.id,
