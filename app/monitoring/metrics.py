@@ -27,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_BULK_FROM = 8  # observe_many: fewer values than this are observed one by one
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
@@ -37,7 +38,9 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     ``_buckets``, ``_sum``, version pinned in requirements.txt); ``tests/monitoring/test_metrics.py``
     checks the exposition against ``observe`` value by value.
     """
-    if not len(values):
+    if len(values) < _BULK_FROM:  # numpy's per-call cost outweighs the writes it saves
+        for value in values:
+            histogram.observe(value)
         return
     histogram._raise_if_not_observable()
     # observe() counts a value in the first bucket whose bound is >= it; the last bound is +Inf.

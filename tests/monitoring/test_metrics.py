@@ -24,6 +24,7 @@ def samples(histogram: Histogram) -> dict[tuple[str, str], float]:
         (CONFIDENCE_BUCKETS, [*np.random.default_rng(0).uniform(0.5, 1.0, 500).tolist(), 0.55, 0.6, 1.0]),
         (LENGTH_BUCKETS, [0, 10, 11, 25, 250, 251, 5000, 5001, 99_999, *range(0, 3000, 7)]),
         (LENGTH_BUCKETS, []),
+        (CONFIDENCE_BUCKETS, [0.7, 0.99]),  # below the bulk path's threshold
     ],
 )
 def test_observe_many_equals_observe_one_by_one(buckets: tuple[float, ...], values: list[float]) -> None:
