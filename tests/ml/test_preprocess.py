@@ -43,8 +43,10 @@ def test_word_analyzer_round_trips_through_joblib(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("loader", [load_rotten_tomatoes, load_tweets, load_clothing])
-def test_negation_marking_is_nltks_token_for_token_on_real_text(loader: Callable[[], Corpus]) -> None:
-    texts = [*loader().texts[:3000], "no no never good .", "not ; nothing bad", "isn't it ? won't"]
+def test_tokens_and_negation_are_nltks_token_for_token_on_real_text(loader: Callable[[], Corpus]) -> None:
+    # The run-time path compiles NLTK's patterns with re (NLTK 3.10 times out every match); NLTK is the
+    # reference: its RegexpTokenizer and mark_negation must give the same tokens.
+    texts = [*loader().texts[:3000], "no no never good .", "not ; nothing bad", "isn't it ? won't :-) @x"]
     for text in texts:
-        tokens = [preprocess._stem(t) for t in preprocess._TOKENIZER.tokenize(normalize(text))]
-        assert preprocess.mark_negation(list(tokens)) == nltk_mark_negation(list(tokens), shallow=True), text
+        nltk_tokens = [preprocess._stem(t) for t in preprocess.TOKENIZER.tokenize(normalize(text))]
+        assert tokenize(text) == nltk_mark_negation(nltk_tokens, shallow=True), text
