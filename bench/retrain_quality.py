@@ -54,7 +54,7 @@ def log_feedback(store: PredictionLog, model: Any, version: str, corpus: Corpus)
     log_predictions(store, model, version, corpus.texts, corpus.labels)
 
 
-def p99_during_retrains(tmp: Path, base_store: Path, base_model: Any, base_version: str) -> dict[str, Any]:
+def p99_during_retrains(tmp: Path, base_store: Path, base_model: Any) -> dict[str, Any]:
     store_dir = tmp / "p99-store"
     shutil.copytree(base_store, store_dir)
     env = {
@@ -179,7 +179,7 @@ def main() -> None:
         # p99 at 100 req/s, idle vs during retrains: ROUNDS rounds, each an idle window then a retrain on
         # fresh labels; requests are split by send time into "retrain running" (job started .. finished)
         # and "workers reloading" (the RELOAD_WINDOW seconds after the promotion).
-        results["p99_during_retrain"] = p99_during_retrains(tmp, base_store, base_model, base.version.version)
+        results["p99_during_retrain"] = p99_during_retrains(tmp, base_store, base_model)
         p = results["p99_during_retrain"]
         print(
             f"p99 at 100 req/s over {p['rounds']} rounds: idle {p['idle_p99_ms']:.1f} ms, while retraining "
