@@ -7,7 +7,6 @@ from functools import lru_cache
 
 from nltk.sentiment.util import CLAUSE_PUNCT, NEGATION
 from nltk.stem.snowball import SnowballStemmer
-from nltk.tokenize import RegexpTokenizer
 
 _URL = re.compile(r"https?://\S+|www\.\S+")
 _USER = re.compile(r"(?<!\w)@\w+")
@@ -25,12 +24,11 @@ WORD_PATTERN = r"""(?x)
     | [^\sa-z0-9]                              # any other symbol, one at a time: mark_negation
                                                  # ends a clause only at a lone . : ; ! or ?
     """
-WORD_FLAGS = re.UNICODE | re.MULTILINE | re.DOTALL  # RegexpTokenizer's defaults
-TOKENIZER = RegexpTokenizer(WORD_PATTERN, flags=WORD_FLAGS)
-"""NLTK's tokenizer for this pattern: the definition the tests hold ``_TOKENS`` to."""
+WORD_FLAGS = re.UNICODE | re.MULTILINE | re.DOTALL  # nltk.tokenize.RegexpTokenizer's defaults
 _TOKENS = re.compile(WORD_PATTERN, WORD_FLAGS)
-"""What tokenizes at run time: ``TOKENIZER.tokenize`` is ``findall`` of this pattern, but NLTK 3.10 runs
-it through ``nltk.redos.TimedPattern`` (a match timeout), 18 us per text instead of 3."""
+"""``RegexpTokenizer(WORD_PATTERN, flags=WORD_FLAGS).tokenize`` is ``findall`` of this pattern, but NLTK
+3.10 runs it through ``nltk.redos.TimedPattern`` (a match timeout), 18 us per text instead of 3; the
+tests hold this to NLTK's tokenizer token for token."""
 
 
 @lru_cache(maxsize=200_000)
