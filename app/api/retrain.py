@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -13,7 +12,7 @@ from app.api.deps import JsonBody, LauncherDep, PredictionLogDep, SettingsDep, W
 from app.api.schemas import ErrorOut, RetrainJobOut, WebhookOut
 from app.errors import JobNotFoundError
 from app.monitoring.status import iso
-from app.retrain.alerts import UnauthorizedError
+from app.retrain.alerts import UnauthorizedError, bearer_matches
 from app.retrain.webhooks import Source, WebhookService
 
 router = APIRouter(tags=["retrain"])
@@ -22,9 +21,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (401
 
 async def require_admin(request: Request, settings: SettingsDep) -> None:
     """401 unless ``Authorization: Bearer <SENTIMENT_ADMIN_TOKEN>``; with no admin token set, always 401."""
-    token = settings.secret("admin_token")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if not token or scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if not bearer_matches(request.headers.get("authorization", ""), settings.secret("admin_token")):
         raise UnauthorizedError("admin token required")
 
 

@@ -107,7 +107,7 @@ class DriftDetector:
         p_positive: NDArray[np.float64],
         now: float | None = None,
     ) -> DriftResult:
-        """All four tests on a full window given as arrays (the benchmarks embed their texts once)."""
+        """All five tests on a full window given as arrays (the benchmarks embed their texts once)."""
         size = len(lengths)
         mmd = self.mmd.predict(embeddings)["data"]
         positives = int((p_positive >= 0.5).sum())

@@ -81,6 +81,15 @@ class GrafanaNotification(_Notification):
     message: str = ""
 
 
+def bearer_matches(authorization: str, token: str | None) -> bool:
+    """Whether an ``Authorization`` header value is ``Bearer <token>``, compared in constant time; never
+    with no token configured."""
+    scheme, _, given = authorization.partition(" ")
+    if not token or scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
 @dataclass(frozen=True)
 class WebhookAuth:
     """The credentials webhooks must present, from settings."""
@@ -107,11 +116,10 @@ class WebhookAuth:
             )
 
     def _header_ok(self, authorization: str) -> bool:
+        if bearer_matches(authorization, self.bearer_token):
+            return True
         scheme, _, credentials = authorization.partition(" ")
-        scheme = scheme.lower()
-        if scheme == "bearer" and self.bearer_token:
-            return hmac.compare_digest(credentials.strip().encode(), self.bearer_token.encode())
-        if scheme == "basic" and self.basic_username and self.basic_password:
+        if scheme.lower() == "basic" and self.basic_username and self.basic_password:
             try:
                 decoded = base64.b64decode(credentials.strip(), validate=True)
             except (binascii.Error, ValueError):

@@ -17,7 +17,6 @@ monitor compares live traffic with the traffic the new model was made for.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import os
 import sys
@@ -38,7 +37,7 @@ from app.ml.registry import LoadedModel, ModelRegistry
 from app.ml.train import library_versions, split_holdout, version_artifacts
 from app.monitoring import metrics
 from app.monitoring.prediction_log import PredictionLog
-from app.retrain.launcher import LOCK_FD_ENV, LOCK_FILE
+from app.retrain.launcher import LOCK_FD_ENV, try_lock
 from app.settings import Settings
 
 log = structlog.get_logger("app.retrain.job")
@@ -85,6 +84,14 @@ def balanced(model: Any, corpus: Corpus) -> float:
     return float(balanced_accuracy_score(corpus.labels, predicted))
 
 
+def promotes(gate: dict[str, Any], margin: float) -> bool:
+    """The gate's rule: better on the feedback holdout, and at most ``margin`` worse on the base holdout."""
+    return bool(
+        gate["candidate"]["feedback"] > gate["current"]["feedback"]
+        and gate["candidate"]["base"] >= gate["current"]["base"] - margin
+    )
+
+
 def labels_tried(registry: ModelRegistry, current: LoadedModel) -> tuple[float, str]:
     """Up to when feedback labels were already tried, and by which version: the current model's own
     training data, or a candidate fitted since on top of it and rejected. A retry needs labels newer
@@ -123,8 +130,9 @@ def retrain(settings: Settings, job_id: str, trigger: str) -> Outcome:
         )
 
     fraction = settings.retrain_feedback_holdout_fraction
-    feedback_fit = corpus_of("feedback:fit", [r for r in labelled if not in_feedback_holdout(r["id"], fraction)])
-    feedback_holdout = corpus_of("feedback:holdout", [r for r in labelled if in_feedback_holdout(r["id"], fraction)])
+    held = [in_feedback_holdout(r["id"], fraction) for r in labelled]
+    feedback_fit = corpus_of("feedback:fit", [r for r, h in zip(labelled, held, strict=True) if not h])
+    feedback_holdout = corpus_of("feedback:holdout", [r for r, h in zip(labelled, held, strict=True) if h])
     params = ModelParams.from_dict(current.metadata.get("params", {}))
     base_name = str(data_meta.get("corpus", "rotten_tomatoes")).split("+")[0]
     base = CORPORA[base_name](settings.data_dir)
@@ -149,10 +157,7 @@ def retrain(settings: Settings, job_id: str, trigger: str) -> Outcome:
         "margin": settings.retrain_promotion_margin,
         "metric": "balanced_accuracy",
     }
-    promote = (
-        gate["candidate"]["feedback"] > gate["current"]["feedback"]
-        and gate["candidate"]["base"] >= gate["current"]["base"] - settings.retrain_promotion_margin
-    )
+    promote = promotes(gate, settings.retrain_promotion_margin)
     gate["decision"] = "promote" if promote else "reject"
 
     holdout_texts = base_holdout.texts + feedback_holdout.texts
@@ -219,11 +224,8 @@ def _hold_lock(settings: Settings) -> int:
     inherited = os.environ.get(LOCK_FD_ENV)
     if inherited is not None:
         return int(inherited)
-    settings.model_store.mkdir(parents=True, exist_ok=True)
-    fd = os.open(settings.model_store / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    fd = try_lock(settings.model_store)
+    if fd is None:
         print("another retrain is running", file=sys.stderr)
         sys.exit(3)
     return fd

@@ -35,6 +35,7 @@ log = structlog.get_logger(__name__)
 LOCK_FILE = ".retrain.lock"
 STATE_FILE = ".retrain-state.json"
 LOCK_FD_ENV = "SENTIMENT_RETRAIN_LOCK_FD"
+DIED_UNREPORTED = "the retrain process ended without reporting (killed?)"
 # One BLAS/OpenMP thread: a retrain must leave the second core to the web workers, not spin on it.
 SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -61,6 +62,18 @@ def retrain_running(store_root: Path) -> bool:
     finally:
         os.close(fd)  # closing drops the probe's own lock, if it got one
     return False
+
+
+def try_lock(store_root: Path) -> int | None:
+    """The retrain lock, taken without waiting: its locked descriptor, or None while another process holds it."""
+    store_root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store_root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 @functools.cache
@@ -96,22 +109,19 @@ class RetrainLauncher:
     def reconcile(self) -> None:
         """Jobs recorded as running while nobody holds the lock died without saying so."""
         if not retrain_running(self.store_root):
-            failed = self.jobs.fail_running_jobs("the retrain process ended without reporting (killed?)")
+            failed = self.jobs.fail_running_jobs(DIED_UNREPORTED)
             if failed:
                 log.error("retrain_failed", reason="process died", jobs=failed)
 
     def start(self, trigger: str, reason: str, alerts: Sequence[str] = ()) -> Launch:
         """Start a retrain unless one is running or the cooldown has not passed; it claims ``alerts``."""
-        self.store_root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.store_root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = try_lock(self.store_root)
+        if fd is None:
+            running = [j["id"] for j in self.jobs.jobs(limit=5) if j["status"] == "running"]
+            return Launch("already_running", running[0] if running else None)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                running = [j["id"] for j in self.jobs.jobs(limit=5) if j["status"] == "running"]
-                return Launch("already_running", running[0] if running else None)
             # Holding the lock: no retrain runs, so any job still marked running has died.
-            self.jobs.fail_running_jobs("the retrain process ended without reporting (killed?)")
+            self.jobs.fail_running_jobs(DIED_UNREPORTED)
             now = time.time()
             wait = self._last_started() + self.cooldown_seconds - now
             if wait > 0:
