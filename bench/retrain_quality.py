@@ -28,14 +28,13 @@ from typing import Any
 
 import httpx
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score
 
 from app.ml.data import Corpus, load_clothing, load_rotten_tomatoes, load_tweets
 from app.ml.pipeline import ModelParams, build_pipeline
 from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
 from app.ml.train import split_holdout, train_and_register
 from app.monitoring.prediction_log import PredictionLog
-from app.retrain.job import retrain
+from app.retrain.job import balanced, promotes, retrain
 from app.settings import Settings
 from bench.monitoring import open_loop, percentile
 from tests.integration.services import start_service
@@ -47,11 +46,6 @@ ROUNDS = 3
 GATE_REPEATS = 5
 DEFAULT_MARGIN = Settings.model_fields["retrain_promotion_margin"].default
 RELOAD_WINDOW = 5.0  # s after a promotion: workers poll every 2 s and load within it
-
-
-def balanced(model: Any, corpus: Corpus) -> float:
-    predicted = (model.predict_proba(corpus.texts)[:, 1] >= 0.5).astype(np.int64)
-    return float(balanced_accuracy_score(corpus.labels, predicted))
 
 
 def log_feedback(store: PredictionLog, model: Any, version: str, corpus: Corpus) -> None:
@@ -163,11 +157,7 @@ def main() -> None:
             runs = [service_retrain(tmp / f"{name}-{i}", base_store, base_model, feedback) for i in range(GATE_REPEATS)]
             gates = [gate for _, gate in runs]
             scores = [(balanced(model, held_out), balanced(model, rt_holdout)) for model, _ in runs]
-            would_promote = [
-                g["candidate"]["feedback"] > g["current"]["feedback"]
-                and g["candidate"]["base"] >= g["current"]["base"] - DEFAULT_MARGIN
-                for g in gates
-            ]
+            would_promote = [promotes(g, DEFAULT_MARGIN) for g in gates]
             row: dict[str, Any] = {
                 "before": {
                     "domain": balanced(base_model.pipeline, held_out),

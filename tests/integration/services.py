@@ -11,9 +11,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import httpx
 
@@ -85,6 +86,20 @@ class Service:
         finally:
             if self.log_handle is not None:
                 self.log_handle.close()
+
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 30.0, every: float = 0.5) -> T:
+    """Call ``condition`` every ``every`` s until it returns something truthy or ``timeout`` s have
+    passed; return its last result."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(every)
+    return condition()
 
 
 def start_service(

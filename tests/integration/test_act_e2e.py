@@ -19,11 +19,19 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from sklearn.metrics import balanced_accuracy_score
 
 from app.ml.data import LABELS, load_tweets
 from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
-from tests.integration.services import REPO, Daemon, Service, start_alertmanager, start_prometheus, start_service
+from app.retrain.job import balanced
+from tests.integration.services import (
+    REPO,
+    Daemon,
+    Service,
+    start_alertmanager,
+    start_prometheus,
+    start_service,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -80,15 +88,6 @@ class Load:
 def firing(prometheus: Daemon, name: str) -> list[dict[str, Any]]:
     alerts = prometheus.get("/api/v1/alerts")["data"]["alerts"]  # type: ignore[index]
     return [a for a in alerts if a["labels"]["alertname"] == name and a["state"] == "firing"]
-
-
-def wait_for(condition, timeout: float, every: float = 1.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(every)
-    return condition()
 
 
 def configure(service: Service, tmp_path: Path, token_file: Path) -> tuple[Path, Path]:
@@ -195,12 +194,7 @@ def test_drift_alert_retrains_promotes_and_resolves_without_a_failed_request(
         assert jobs[-1]["trigger"] == "alertmanager"
 
         # 4. Better on held-out tweets; the alert resolves.
-        def balanced(version: str) -> float:
-            pipeline = store.load(version).pipeline
-            predicted = (pipeline.predict_proba(held_out.texts)[:, 1] >= 0.5).astype(int)
-            return float(balanced_accuracy_score(held_out.labels, predicted))
-
-        before, after = balanced(original), balanced(promoted)
+        before, after = (balanced(store.load(v).pipeline, held_out) for v in (original, promoted))
         assert after > before + 0.05, (before, after)
         assert wait_for(lambda: not firing(prometheus, "SentimentDriftDetected"), 120), "drift alert never resolved"
         resolved_after = time.monotonic() - switched

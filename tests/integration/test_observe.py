@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.ml.data import Corpus, load_clothing
 from app.ml.registry import ModelRegistry
-from tests.integration.services import Service, start_service
+from tests.integration.services import Service, start_service, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -65,16 +65,6 @@ def predict_all(service: Service, texts: list[str], size: int = 25) -> list[dict
 def fresh_connections(service: Service, n: int) -> None:
     for i in range(n):  # a new connection each time, so both workers take some
         assert httpx.post(f"{service.url}/v1/predict", json={"text": f"fine film {i}"}).status_code == 200
-
-
-def wait_for(condition, timeout: float = 30.0, every: float = 0.5):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(every)
-    return condition()
 
 
 def test_counters_sum_across_workers_and_survive_a_killed_worker(full_service: Service) -> None:

@@ -15,7 +15,7 @@ import pytest
 from app.ml.data import Corpus
 from app.ml.registry import ModelRegistry
 from app.monitoring.prediction_log import PredictionLog
-from tests.integration.services import Service, start_service
+from tests.integration.services import Service, start_service, wait_for
 from tests.traffic import log_predictions
 
 pytestmark = pytest.mark.integration
@@ -88,18 +88,15 @@ def test_a_killed_retrain_frees_the_lock_leaves_no_version_and_is_marked_failed(
         log_predictions(log_store, model.pipeline, model.version, tweets.texts[:1500], tweets.labels[:1500])
         started = httpx.post(f"{service.url}/v1/retrain", headers=ADMIN, timeout=10).json()
         assert started["status"] == "retrain_started"
-        deadline = time.monotonic() + 30
-        job_pid = None
-        while job_pid is None and time.monotonic() < deadline:
-            job_pid = next((pid for pid, (_, cmd) in service.descendants().items() if "app.retrain.job" in cmd), None)
-            time.sleep(0.1)
+        job_pid = wait_for(
+            lambda: next((pid for pid, (_, cmd) in service.descendants().items() if "app.retrain.job" in cmd), None),
+            30,
+            every=0.1,
+        )
         assert job_pid and in_progress(service) == 1.0
         time.sleep(2)  # mid-training
         os.kill(job_pid, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while in_progress(service) != 0.0 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert in_progress(service) == 0.0
+        assert wait_for(lambda: in_progress(service) == 0.0, 20, every=0.2)
         (job,) = jobs(service)
         assert job["status"] == "failed" and job["outcome"] == "failed"
         assert [v.version for v in store.versions()] == [full_store[1]]
