@@ -31,7 +31,7 @@ from app.ml.data import load_clothing
 from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
 from app.settings import Settings
 from bench.serving import CONNECTIONS, RESULTS, wrk
-from tests.integration.services import Service, start_service
+from tests.integration.services import Service, start_service, wait_for
 
 THROUGHPUT_ROUNDS = 3
 
@@ -67,12 +67,9 @@ async def open_loop(
 
 def wait_for_monitor(service: Service, timeout: float = 60) -> None:
     """Until the drift monitor has started and checked once."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(e.get("event") in {"drift_checked", "drift_detected"} for e in service.logs()):
-            return
-        time.sleep(0.5)
-    raise RuntimeError("the drift monitor did not start")
+    checked = {"drift_checked", "drift_detected"}
+    if not wait_for(lambda: any(e.get("event") in checked for e in service.logs()), timeout):
+        raise RuntimeError("the drift monitor did not start")
 
 
 def drift_flag(service: Service) -> float:
