@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from app.logs import configure_structlog, dict_config
-from app.monitoring.metrics import mark_process_dead
+from app.monitoring.metrics import initialise_counters, mark_process_dead
 from app.settings import Settings
 
 _settings = Settings()
@@ -45,3 +45,9 @@ configure_structlog()
 def child_exit(server: Any, worker: Any) -> None:
     """A worker exited (normally or killed): drop its live gauges; its counters stay in the totals."""
     mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker: Any) -> None:
+    """A worker is ready: write a 0 for every labelled counter an alert reads, so that each counter's first
+    increment shows in ``rate()``/``increase()`` (a series that appears at 1 has no sample before it)."""
+    initialise_counters()

@@ -1,25 +1,30 @@
 """Runs the service as one unit: gunicorn (the web workers) plus exactly one drift monitor.
 
 ``python -m app.supervisor`` (what ``scripts/serve`` execs) starts both as child processes, restarts the
-monitor whenever it exits (with backoff if it keeps failing), forwards SIGTERM/SIGINT to both for a
-graceful stop, and exits with gunicorn's status when gunicorn exits. ``PROMETHEUS_MULTIPROC_DIR`` must be
-set (and wiped) by the caller before anything imports prometheus_client.
+monitor whenever it exits (with backoff if it keeps failing, counted in ``sentiment_supervised_restarts_total``),
+forwards SIGTERM/SIGINT to both for a graceful stop, and exits with gunicorn's status when gunicorn exits.
+On Linux it is a child subreaper: a descendant whose parent died first (a retrain whose launching worker was
+recycled) becomes its child, and it reaps those too, so none is left a zombie. ``PROMETHEUS_MULTIPROC_DIR``
+must be set (and wiped) by the caller before anything imports prometheus_client.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from app.logs import configure_logging
-from app.monitoring.metrics import MULTIPROC_ENV, mark_process_dead
+from app.monitoring.metrics import MULTIPROC_ENV, SUPERVISED_RESTARTS, mark_process_dead
 from app.settings import REPO_ROOT, Settings
 
 log = structlog.get_logger("app.supervisor")
@@ -28,10 +33,61 @@ GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn_conf.py", "app
 MONITOR = [sys.executable, "-m", "app.monitoring.monitor"]
 MAX_BACKOFF_SECONDS = 30.0
 HEALTHY_AFTER_SECONDS = 60.0  # a monitor that ran this long resets the backoff
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants this process's children instead of PID 1's (Linux ``prctl``).
+
+    Without it a retrain whose worker was recycled is reparented to PID 1, which in a container without an
+    init (or with this process as PID 1) never reaps it. Returns whether the kernel accepted it.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.warning("subreaper_unavailable", errno=ctypes.get_errno())
+        return False
+    return True
+
+
+def reap_orphans(managed: Sequence[subprocess.Popen[bytes] | None]) -> list[tuple[int, int]]:
+    """Reap every exited child that is not one of ``managed``; return each one's (pid, exit code).
+
+    ``waitpid(-1)`` would also collect a managed child and steal the status its ``Popen`` reports (gunicorn's
+    is the service's exit code). So each exited child is first only looked at (``waitid`` with ``WNOWAIT``):
+    a managed one is handed to its own ``Popen.poll()``, which collects it and keeps its return code; any
+    other is collected here.
+    """
+    reaped: list[tuple[int, int]] = []
+    if not sys.platform.startswith("linux"):  # not a subreaper there: only managed children to collect
+        return reaped
+    owners = {p.pid: p for p in managed if p is not None and p.returncode is None}
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # no children at all
+            return reaped
+        if info is None or info.si_pid == 0:  # children, none exited
+            return reaped
+        owner = owners.pop(info.si_pid, None)
+        if owner is not None:
+            if owner.poll() is None:  # its Popen is busy collecting it elsewhere: look again next time
+                return reaped
+            continue
+        try:
+            pid, status = os.waitpid(info.si_pid, os.WNOHANG)
+        except ChildProcessError:  # collected in between
+            continue
+        if not pid:  # not collectable after all: never spin on it
+            return reaped
+        reaped.append((pid, os.waitstatus_to_exitcode(status)))
 
 
 class Supervisor:
-    def __init__(self) -> None:
+    def __init__(self, gunicorn: Sequence[str] = GUNICORN, monitor: Sequence[str] = MONITOR) -> None:
+        self.gunicorn_command = list(gunicorn)
+        self.monitor_command = list(monitor)
         self.stopping = False
         self.gunicorn: subprocess.Popen[bytes] | None = None
         self.monitor: subprocess.Popen[bytes] | None = None
@@ -40,7 +96,7 @@ class Supervisor:
         self.restart_at = 0.0
 
     def start_monitor(self) -> None:
-        self.monitor = subprocess.Popen(MONITOR, cwd=REPO_ROOT)
+        self.monitor = subprocess.Popen(self.monitor_command, cwd=REPO_ROOT)
         self.monitor_started = time.monotonic()
         log.info("drift_monitor_spawned", monitor_pid=self.monitor.pid)
 
@@ -65,16 +121,25 @@ class Supervisor:
             self.backoff = min(self.backoff * 2, MAX_BACKOFF_SECONDS)
         elif now >= self.restart_at:
             self.restart_at = 0.0
+            SUPERVISED_RESTARTS.labels(process="monitor").inc()
             self.start_monitor()
+
+    def reap(self) -> None:
+        """Collect orphans that died (their live gauges go with them, as for a dead worker)."""
+        for pid, code in reap_orphans([self.gunicorn, self.monitor]):
+            mark_process_dead(pid)
+            log.info("orphan_reaped", orphan_pid=pid, code=code)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.signal)
         signal.signal(signal.SIGINT, self.signal)
-        self.gunicorn = subprocess.Popen(GUNICORN, cwd=REPO_ROOT)
+        become_subreaper()
+        self.gunicorn = subprocess.Popen(self.gunicorn_command, cwd=REPO_ROOT)
         self.start_monitor()
         while self.gunicorn.poll() is None:
             if not self.stopping:
                 self.watch_monitor()
+            self.reap()
             time.sleep(0.2)
         assert self.monitor is not None
         if self.monitor.poll() is None:
@@ -84,12 +149,19 @@ class Supervisor:
         except subprocess.TimeoutExpired:
             self.monitor.kill()
             self.monitor.wait()
+        self.reap()
         log.info("service_stopped", gunicorn_code=self.gunicorn.returncode)
         return self.gunicorn.returncode
 
 
 def main() -> int:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # Refuse to start on a bad value, once, rather than start children that would crash-loop on it.
+        configure_logging("info")
+        log.error("settings_invalid", errors=exc.errors(include_url=False, include_input=False))
+        return 2
     configure_logging(settings.log_level)
     metrics_dir = os.environ.get(MULTIPROC_ENV)
     if not metrics_dir or not Path(metrics_dir).is_dir():

@@ -276,6 +276,31 @@ DRIFT = dashboard(
                 ],
             ),
         ],
+        [
+            panel(
+                "Time since the last completed drift check",
+                [target("time() - max(sentiment_drift_last_check_timestamp_seconds)", "age")],
+                kind="stat",
+                unit="s",
+                description="The drift gauges above keep their last value when the monitor stops; this does not. "
+                "Decades mean no check since the service started. SentimentDriftChecksStale fires past 15 minutes "
+                "while predictions arrive.",
+            ),
+            panel(
+                "Monitor restarts and predictions the monitor never saw (1 h)",
+                [
+                    target(
+                        'sum(increase(sentiment_supervised_restarts_total{process="monitor"}[1h]))', "monitor restarts"
+                    ),
+                    target(
+                        "sum by (reason) (increase(sentiment_prediction_log_dropped_total[1h]))",
+                        "dropped: {{reason}}",
+                        "B",
+                    ),
+                ],
+                description="Restarts by app.supervisor; predictions lost before the prediction log, by reason.",
+            ),
+        ],
     ],
 )
 

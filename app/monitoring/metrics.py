@@ -26,6 +26,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.ml.data import LABELS
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _BULK_FROM = 8  # observe_many: fewer values than this are observed one by one
 
@@ -97,6 +99,14 @@ PREDICTION_LOG_ERRORS = Counter(
     "Prediction-log failures: write_failed (failed flushes, rows kept for retry), dropped (rows lost).",
     ["reason"],
 )
+PREDICTION_LOG_ERROR_REASONS = ("write_failed", "dropped")
+PREDICTION_LOG_DROPPED = Counter(
+    "sentiment_prediction_log_dropped_total",
+    "Predictions that never reached the prediction log, by reason: buffer_full (the buffer's bound while the "
+    "database is unavailable), rejected_row (a row the database refused), shutdown (unwritten at exit).",
+    ["reason"],
+)
+PREDICTION_LOG_DROP_REASONS = ("buffer_full", "rejected_row", "shutdown")
 FEEDBACK = Counter("sentiment_feedback_total", "Labelled feedback received, by true label.", ["sentiment"])
 LIVE_ACCURACY = Gauge(
     "sentiment_live_accuracy",
@@ -132,6 +142,15 @@ DRIFT_TEST_P_VALUE = Gauge(
     multiprocess_mode="mostrecent",
 )
 DRIFT_CHECKS = Counter("sentiment_drift_checks_total", "Drift checks, by outcome.", ["outcome"])
+DRIFT_CHECK_OUTCOMES = ("drift", "no_drift", "insufficient_data", "error")
+# "max", not "mostrecent": every process that imports this module writes 0 for it, so the series exists from
+# the first scrape and reads as "never checked" (infinitely stale) until the monitor's first check; the max of
+# wall-clock times is the latest, and a dead monitor's last value stays, which is what the staleness alert reads.
+DRIFT_LAST_CHECK = Gauge(
+    "sentiment_drift_last_check_timestamp_seconds",
+    "Unix time of the drift monitor's last completed check (0: none since the service started).",
+    multiprocess_mode="max",
+)
 DRIFT_CHECK_DURATION = Histogram(
     "sentiment_drift_check_duration_seconds", "Duration of one drift check.", buckets=CHECK_BUCKETS
 )
@@ -139,9 +158,40 @@ DRIFT_CHECK_DURATION = Histogram(
 # Written by the retrain process. "In progress" is read from the retrain lock at scrape time
 # (RetrainLockCollector), so a killed retrain can never leave it stuck at 1.
 RETRAIN_TOTAL = Counter("sentiment_retrain_total", "Retrains, by trigger and outcome.", ["trigger", "outcome"])
+RETRAIN_TRIGGERS = ("alertmanager", "grafana", "manual")  # the webhook sources and POST /v1/retrain
+RETRAIN_OUTCOMES = ("promoted", "rejected", "skipped_no_new_labels", "skipped_too_few_labels", "failed")
 RETRAIN_DURATION = Histogram(
     "sentiment_retrain_duration_seconds", "Duration of one retrain.", buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200)
 )
+
+# Written by app.supervisor, the one process that restarts others.
+SUPERVISED_RESTARTS = Counter(
+    "sentiment_supervised_restarts_total", "Restarts of a supervised process after it exited.", ["process"]
+)
+SUPERVISED_PROCESSES = ("monitor",)
+
+
+def initialise_counters() -> None:
+    """Create every labelled counter child an alert or dashboard reads, at 0, in this process.
+
+    A labelled series appears on its first ``inc()``; ``rate()``/``increase()`` need a sample before it, so
+    that first increment (the first failed retrain, the first dropped row) would be invisible. Each web worker
+    calls this at start (gunicorn's ``post_worker_init``): in multiprocess mode it writes a 0 sample to the
+    worker's file, which outlives the worker, so the series exist from the first scrape on and sum correctly.
+    """
+    for sentiment in LABELS:
+        FEEDBACK.labels(sentiment=sentiment)
+    for reason in PREDICTION_LOG_ERROR_REASONS:
+        PREDICTION_LOG_ERRORS.labels(reason=reason)
+    for reason in PREDICTION_LOG_DROP_REASONS:
+        PREDICTION_LOG_DROPPED.labels(reason=reason)
+    for outcome in DRIFT_CHECK_OUTCOMES:
+        DRIFT_CHECKS.labels(outcome=outcome)
+    for trigger in RETRAIN_TRIGGERS:
+        for outcome in RETRAIN_OUTCOMES:
+            RETRAIN_TOTAL.labels(trigger=trigger, outcome=outcome)
+    for process in SUPERVISED_PROCESSES:
+        SUPERVISED_RESTARTS.labels(process=process)
 
 
 class RetrainLockCollector(Collector):
