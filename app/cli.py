@@ -1,15 +1,17 @@
-"""Command line for the model store: ``python -m app.cli train|list|show|promote|rollback``."""
+"""Command line for the model store: ``python -m app.cli train|list|show|promote|rollback|sign``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
-from app.errors import SentimentServiceError
+from app.errors import ModelStoreError, SentimentServiceError
 from app.logs import configure_logging
 from app.ml.data import CORPORA
+from app.ml.model import DEFAULT_KIND, IMPLEMENTATIONS, MODEL_KINDS
 from app.ml.pipeline import ModelParams
 from app.ml.registry import ModelRegistry
 from app.settings import Settings
@@ -18,14 +20,21 @@ from app.settings import Settings
 def _train(registry: ModelRegistry, settings: Settings, args: argparse.Namespace) -> int:
     from app.ml.train import train_and_register  # pulls in matplotlib and tqdm: only when training
 
-    if args.if_empty and registry.current_version():
-        print(f"model store {registry.root} already serves {registry.current_version()}; not training")
-        return 0
+    if args.if_empty:
+        try:
+            current = registry.current_version()
+        except ModelStoreError as exc:  # the store is not empty: the pointer needs fixing, not a new model
+            print(f"not training: {exc.message}; fix it or move it aside, then promote a version", file=sys.stderr)
+            return 0
+        if current:
+            print(f"model store {registry.root} already serves {current}; not training")
+            return 0
     corpus = CORPORA[args.corpus](settings.data_dir)
     result = train_and_register(
         registry,
         corpus,
         ModelParams(C=args.C),
+        kind=args.kind,
         holdout_fraction=args.holdout_fraction,
         cv_folds=args.cv_folds,
         promote=args.promote,
@@ -57,8 +66,25 @@ def _list(registry: ModelRegistry) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    settings = Settings()
+def _sign(registry: ModelRegistry, versions: list[str]) -> int:
+    """Sign ``versions`` (default: every version); a version whose artifacts fail their hashes is skipped."""
+    failed = 0
+    for version in versions or [v.version for v in registry.versions()]:
+        try:
+            registry.sign(version)
+        except SentimentServiceError as exc:
+            if not registry.signing:
+                raise
+            failed += 1
+            print(f"not signed: {exc.message}", file=sys.stderr)
+            continue
+        print(f"signed    {version}")
+    return 1 if failed else 0
+
+
+def _parser(settings: Settings) -> argparse.ArgumentParser:
+    for module in IMPLEMENTATIONS:  # registers the model kinds
+        importlib.import_module(module)
     parser = argparse.ArgumentParser(prog="python -m app.cli", description=__doc__)
     parser.add_argument(
         "--store",
@@ -69,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train, evaluate and register a new version")
     train.add_argument("--corpus", choices=sorted(CORPORA), default="rotten_tomatoes")
+    train.add_argument("--kind", choices=sorted(MODEL_KINDS), default=DEFAULT_KIND, help="model kind to train")
     train.add_argument("--cv-folds", type=int, default=0, help="also report k-fold CV accuracy (e.g. 10)")
     train.add_argument("--holdout-fraction", type=float, default=0.15)
     train.add_argument(
@@ -85,29 +112,43 @@ def main(argv: list[str] | None = None) -> int:
     promote = sub.add_parser("promote", help="make a version current (every worker picks it up)")
     promote.add_argument("version")
     sub.add_parser("rollback", help="make the previously current version current again")
-    args = parser.parse_args(argv)
-    configure_logging(settings.log_level)
+    sign = sub.add_parser(
+        "sign", help="(re-)sign versions with SENTIMENT_MODEL_SIGNING_KEY[_FILE], after checking their hashes"
+    )
+    sign.add_argument("versions", nargs="*", help="default: every version")
+    return parser
 
-    registry = ModelRegistry(args.store)
-    try:
-        if args.command == "train":
-            return _train(registry, settings, args)
-        if args.command == "list":
-            return _list(registry)
-        if args.command == "show":
-            version = args.version or registry.current_version()
-            if version is None:
-                print("no current version", file=sys.stderr)
-                return 1
-            print(json.dumps(registry.get(version).metadata, indent=2, sort_keys=True))
-            return 0
-        if args.command == "promote":
-            previous = registry.promote(args.version)
-            print(f"current: {args.version} (was {previous})")
-            return 0
-        target = registry.rollback()
-        print(f"current: {target}")
+
+def _run(registry: ModelRegistry, settings: Settings, args: argparse.Namespace) -> int:
+    if args.command == "train":
+        return _train(registry, settings, args)
+    if args.command == "list":
+        return _list(registry)
+    if args.command == "sign":
+        return _sign(registry, args.versions)
+    if args.command == "show":
+        version = args.version or registry.current_version()
+        if version is None:
+            print("no current version", file=sys.stderr)
+            return 1
+        print(json.dumps(registry.get(version).metadata, indent=2, sort_keys=True))
         return 0
+    if args.command == "promote":
+        previous = registry.promote(args.version)
+        print(f"current: {args.version} (was {previous})")
+        return 0
+    target = registry.rollback()
+    print(f"current: {target}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings()
+    args = _parser(settings).parse_args(argv)
+    configure_logging(settings.log_level)
+    try:
+        registry = ModelRegistry.from_settings(settings.model_copy(update={"model_store": args.store}))
+        return _run(registry, settings, args)
     except SentimentServiceError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1

@@ -74,3 +74,21 @@ class JobNotFoundError(SentimentServiceError):
     """No retrain job has this id."""
 
     code = "job_not_found"
+
+
+class ModelSignatureError(ArtifactIntegrityError):
+    """A signing key is configured and the version's signature is missing or does not verify with it."""
+
+    code = "model_signature_invalid"
+
+
+class CurrentVersionChangedError(ModelStoreError):
+    """A promotion expected another version to be current (an operator promoted or rolled back meanwhile)."""
+
+    code = "current_version_changed"
+
+
+class ArtifactExistsError(ModelStoreError):
+    """An artifact store already holds (part of) this version: versions are immutable, never overwritten."""
+
+    code = "artifact_exists"

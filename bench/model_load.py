@@ -87,7 +87,9 @@ def main() -> None:
         shutil.copytree(compact_store.root / version, plain_store.root / version)
         plain_artifact = plain_store.root / version / MODEL_ARTIFACT
         plain_artifact.chmod(0o644)
-        joblib.dump(with_plain_vectorizers(compact_store.load(version).pipeline), plain_artifact, compress=3)
+        model = compact_store.load(version).model
+        with_plain_vectorizers(model.pipeline)  # type: ignore[attr-defined]  # the default kind's pipeline
+        model.save(plain_artifact)
         metadata_path = plain_store.root / version / METADATA
         metadata_path.chmod(0o644)
         metadata = json.loads(metadata_path.read_text())

@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 
 from app.ml.data import Corpus, load_clothing, load_rotten_tomatoes, load_tweets
-from app.ml.pipeline import ModelParams, build_pipeline
+from app.ml.model import build_model
 from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
 from app.ml.train import split_holdout, train_and_register
 from app.monitoring.prediction_log import PredictionLog
@@ -53,16 +53,16 @@ def log_feedback(store: PredictionLog, model: Any, version: str, corpus: Corpus)
 
 
 def service_retrain(tmp: Path, base_store: Path, base_model: Any, feedback: Corpus) -> tuple[Any, dict[str, Any]]:
-    """The service's retrain on ``feedback`` logged as fresh predictions: (candidate pipeline, gate record)."""
+    """The service's retrain on ``feedback`` logged as fresh predictions: (candidate model, gate record)."""
     settings = Settings(model_store=tmp / "store", state_dir=tmp / "var", retrain_promotion_margin=1.0)
     # margin 1.0: every candidate is kept and measured; the gate's verdict at the default is computed
     shutil.copytree(base_store, settings.model_store)
     store = PredictionLog(settings.prediction_log_url)
     store.create_tables()
-    log_feedback(store, base_model.pipeline, base_model.version, feedback)
+    log_feedback(store, base_model.model, base_model.version, feedback)
     outcome = retrain(settings, f"bench-{tmp.name}", "bench")
     candidate = ModelRegistry(settings.model_store).load(outcome.candidate_version or "")
-    return candidate.pipeline, outcome.details["gate"]
+    return candidate.model, outcome.details["gate"]
 
 
 def p99_during_retrains(tmp: Path, base_store: Path, base_model: Any) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def p99_during_retrains(tmp: Path, base_store: Path, base_model: Any) -> dict[st
             current = registry.load_current()
             assert current is not None
             rows = tweets.subset(np.arange(round_ * FEEDBACK, (round_ + 1) * FEEDBACK), "tweets")
-            log_feedback(plog, current.pipeline, current.version, rows)
+            log_feedback(plog, current.model, current.version, rows)
             job = httpx.post(f"{service.url}/v1/retrain", headers=admin).json()
             sent_at: list[float] = []
             latencies = asyncio.run(open_loop(service.url, texts, 100, 25, sent_at))
@@ -149,9 +149,7 @@ def main() -> None:
             order = np.random.default_rng(0).permutation(len(domain))
             feedback = domain.subset(order[:FEEDBACK], f"{name}:feedback")
             held_out = domain.subset(order[FEEDBACK : FEEDBACK + 2000], f"{name}:held_out")
-            plain = build_pipeline(ModelParams()).fit(
-                rt_fit.texts + feedback.texts, np.concatenate([rt_fit.labels, feedback.labels])
-            )
+            plain = build_model().fit(rt_fit.texts + feedback.texts, np.concatenate([rt_fit.labels, feedback.labels]))
             # The gate's feedback holdout is a hash of random prediction ids, so each logging of the same
             # labels is a different split: GATE_REPEATS of them show how often the default margin promotes.
             runs = [service_retrain(tmp / f"{name}-{i}", base_store, base_model, feedback) for i in range(GATE_REPEATS)]
@@ -160,8 +158,8 @@ def main() -> None:
             would_promote = [promotes(g, DEFAULT_MARGIN) for g in gates]
             row: dict[str, Any] = {
                 "before": {
-                    "domain": balanced(base_model.pipeline, held_out),
-                    "rotten_tomatoes": balanced(base_model.pipeline, rt_holdout),
+                    "domain": balanced(base_model.model, held_out),
+                    "rotten_tomatoes": balanced(base_model.model, rt_holdout),
                 },
                 "plain_retrain": {"domain": balanced(plain, held_out), "rotten_tomatoes": balanced(plain, rt_holdout)},
                 "service_retrain": {  # mean over the GATE_REPEATS splits

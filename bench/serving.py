@@ -78,7 +78,7 @@ def in_process(store: ModelRegistry, texts: list[str], seconds: float) -> dict[s
     assert model is not None
     served = prepare(model)
     result = {}
-    for name, predict in (("pipeline", model.pipeline.predict_proba), ("compiled", served.predict_proba)):
+    for name, predict in (("pipeline", model.model.predict_proba), ("compiled", served.predict_proba)):
         predict(texts[:BATCH])
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:

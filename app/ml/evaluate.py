@@ -16,6 +16,7 @@ from sklearn.metrics import (
 )
 
 from app.ml.data import LABELS
+from app.ml.model import confidence_of, decide
 
 
 def expected_calibration_error(labels: NDArray[np.int64], proba_positive: NDArray[np.float64], bins: int = 15) -> float:
@@ -32,8 +33,8 @@ def reliability_table(
     labels: NDArray[np.int64], proba_positive: NDArray[np.float64], bins: int = 10
 ) -> list[dict[str, float]]:
     """Per confidence bin: its range, count, mean confidence and accuracy (the reliability diagram's data)."""
-    predicted = (proba_positive >= 0.5).astype(np.int64)
-    confidence = np.where(predicted == 1, proba_positive, 1.0 - proba_positive)
+    predicted = decide(proba_positive)
+    confidence = confidence_of(proba_positive)
     correct = predicted == labels
     edges = np.linspace(0.5, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
@@ -54,7 +55,7 @@ def reliability_table(
 
 def classification_report(labels: NDArray[np.int64], proba_positive: NDArray[np.float64]) -> dict[str, Any]:
     """Every figure the model report and the promotion gate use, from true labels and P(positive)."""
-    predicted = (proba_positive >= 0.5).astype(np.int64)
+    predicted = decide(proba_positive)
     both_classes = len(np.unique(labels)) == 2
     return {
         "n": len(labels),

@@ -6,6 +6,9 @@ union, five calibrated classifiers) whatever the batch size, while the work per 
 weights, coefficients and calibrators) and evaluates the identical formula with a few numpy calls per
 batch. :func:`compile_pipeline` returns it only if it reproduces the pipeline's own probabilities on
 probe texts, so the served numbers are the pipeline's numbers.
+
+Private to the TF-IDF model kinds (:mod:`app.ml.pipeline`, ``serving_predictor``): nothing else knows the
+pipeline's layout.
 """
 
 from __future__ import annotations

@@ -1,19 +1,25 @@
-"""The model: NLTK-preprocessed word n-grams and character n-grams, TF-IDF, calibrated logistic regression."""
+"""The TF-IDF model kinds: NLTK-preprocessed word (and character) n-grams, calibrated logistic regression."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
+from numpy.typing import NDArray
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import FeatureUnion, Pipeline
 
+from app.ml.inference import compile_pipeline
+from app.ml.model import ProbaFunction, SentimentModel, register_kind
 from app.ml.preprocess import WordAnalyzer
 
+FEATURES, CLASSIFIER = "features", "classifier"
+"""Names of the pipeline's two steps."""
 _TERM_SEPARATOR = "\0"
 _TERMS_PER_CHUNK = 4096
 
@@ -55,7 +61,7 @@ class CompactTfidfVectorizer(TfidfVectorizer):  # type: ignore[misc]  # sklearn 
 
 @dataclass(frozen=True)
 class ModelParams:
-    """Hyper-parameters of :func:`build_pipeline`; stored in every version's metadata."""
+    """Hyper-parameters of the TF-IDF kinds (:func:`build_pipeline`); stored in every version's metadata."""
 
     word_ngram_range: tuple[int, int] = (1, 2)
     char_ngram_range: tuple[int, int] = (3, 5)
@@ -78,34 +84,36 @@ class ModelParams:
         return cls(**known)
 
 
-def build_pipeline(params: ModelParams | None = None) -> Pipeline:
+def word_vectorizer(params: ModelParams) -> CompactTfidfVectorizer:
+    """TF-IDF of word n-grams from :class:`WordAnalyzer` (NLTK tokenizer, stemmer, negation marking)."""
+    return CompactTfidfVectorizer(analyzer=WordAnalyzer(params.word_ngram_range), sublinear_tf=True, dtype=np.float32)
+
+
+def char_vectorizer(params: ModelParams) -> CompactTfidfVectorizer:
+    """TF-IDF of character n-grams within word boundaries: robust to spelling and unseen inflections."""
+    return CompactTfidfVectorizer(
+        analyzer="char_wb",
+        ngram_range=params.char_ngram_range,
+        min_df=params.char_min_df,
+        sublinear_tf=True,
+        dtype=np.float32,
+    )
+
+
+def word_and_char_features(params: ModelParams) -> FeatureUnion:
+    """Word n-grams beside character n-grams, each block l2-normalised TF-IDF."""
+    return FeatureUnion([("words", word_vectorizer(params)), ("chars", char_vectorizer(params))])
+
+
+def build_pipeline(params: ModelParams | None = None, features: FeatureUnion | None = None) -> Pipeline:
     """An unfitted pipeline mapping raw texts to P(negative), P(positive).
 
-    Word features come from :class:`WordAnalyzer` (NLTK tokenizer, stemmer, negation marking); character
-    n-grams within word boundaries add robustness to spelling and unseen inflections. Logistic regression
-    is wrapped in sigmoid calibration fitted on internal folds, so ``confidence`` means what it says.
+    ``features`` defaults to word n-grams plus character n-grams. Logistic regression is wrapped in
+    sigmoid calibration fitted on internal folds, so ``confidence`` means what it says.
     """
     params = params or ModelParams()
-    features = FeatureUnion(
-        [
-            (
-                "words",
-                CompactTfidfVectorizer(
-                    analyzer=WordAnalyzer(params.word_ngram_range), sublinear_tf=True, dtype=np.float32
-                ),
-            ),
-            (
-                "chars",
-                CompactTfidfVectorizer(
-                    analyzer="char_wb",
-                    ngram_range=params.char_ngram_range,
-                    min_df=params.char_min_df,
-                    sublinear_tf=True,
-                    dtype=np.float32,
-                ),
-            ),
-        ]
-    )
+    if features is None:
+        features = word_and_char_features(params)
     classifier = LogisticRegression(
         C=params.C, class_weight=params.class_weight, max_iter=2000, random_state=params.random_state
     )
@@ -113,4 +121,65 @@ def build_pipeline(params: ModelParams | None = None) -> Pipeline:
         model: Any = CalibratedClassifierCV(classifier, method="sigmoid", cv=params.calibration_folds)
     else:
         model = classifier
-    return Pipeline([("features", features), ("classifier", model)])
+    return Pipeline([(FEATURES, features), (CLASSIFIER, model)])
+
+
+@register_kind
+class WordCharTfidfModel(SentimentModel):
+    """TF-IDF of word and character n-grams into calibrated logistic regression: a scikit-learn pipeline.
+
+    Serving uses :mod:`app.ml.inference`'s compiled form of the fitted pipeline when it reproduces the
+    pipeline's probabilities on the probe texts.
+    """
+
+    kind = "tfidf_word_char_logreg"
+
+    def __init__(self, params: ModelParams | None = None, pipeline: Pipeline | None = None) -> None:
+        self.params = params or ModelParams()
+        self.pipeline = pipeline if pipeline is not None else build_pipeline(self.params, self.build_features())
+
+    def build_features(self) -> FeatureUnion:
+        """The unfitted feature union of this kind (the only thing the kinds of this family change)."""
+        return word_and_char_features(self.params)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Self:
+        return cls(ModelParams.from_dict(dict(params)))
+
+    @classmethod
+    def adopt(cls, fitted: Any, params: Mapping[str, Any]) -> Self:
+        """A bare fitted pipeline, as versions saved before the model contract hold it."""
+        if not isinstance(fitted, Pipeline) or [name for name, _ in fitted.steps] != [FEATURES, CLASSIFIER]:
+            return super().adopt(fitted, params)
+        return cls(ModelParams.from_dict(dict(params)), fitted)
+
+    def fit(
+        self, texts: Sequence[str], labels: NDArray[np.int64], sample_weight: NDArray[np.float64] | None = None
+    ) -> Self:
+        weights = {} if sample_weight is None else {f"{CLASSIFIER}__sample_weight": sample_weight}
+        self.pipeline.fit(list(texts), labels, **weights)
+        return self
+
+    def predict_proba(self, texts: Sequence[str]) -> NDArray[np.float64]:
+        return np.asarray(self.pipeline.predict_proba(list(texts)), dtype=np.float64)
+
+    def features(self, texts: Sequence[str]) -> Any:
+        """The fitted feature union's sparse TF-IDF rows."""
+        return self.pipeline.named_steps[FEATURES].transform(list(texts))
+
+    def params_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.to_dict().items()}
+
+    def serving_predictor(self, probe_texts: Sequence[str]) -> tuple[ProbaFunction, bool]:
+        compiled = compile_pipeline(self.pipeline, probe_texts)
+        return (compiled.predict_proba, True) if compiled is not None else (self.predict_proba, False)
+
+
+@register_kind
+class WordTfidfModel(WordCharTfidfModel):
+    """Like :class:`WordCharTfidfModel` with word n-grams only (the ``char_*`` parameters are unused)."""
+
+    kind = "tfidf_word_logreg"
+
+    def build_features(self) -> FeatureUnion:
+        return FeatureUnion([("words", word_vectorizer(self.params))])

@@ -12,6 +12,15 @@ most ``SENTIMENT_RETRAIN_PROMOTION_MARGIN`` on the base holdout; otherwise it is
 ``rejected``, and the next retrain waits for ``SENTIMENT_RETRAIN_MIN_LABELS`` labels newer than the ones
 it tried. Its drift reference is recent traffic it was not fitted on, so once it is promoted the
 monitor compares live traffic with the traffic the new model was made for.
+
+The candidate is a model of the current one's kind and parameters, fitted through the model contract
+(:class:`app.ml.model.SentimentModel`); its version card is built by :mod:`app.ml.model_card`, as a
+trained version's is.
+
+Operators stay in control: a candidate is promoted only if the version it improved on is still current
+(an operator's promote or rollback meanwhile wins: outcome ``superseded``), and a retrain that runs past
+``SENTIMENT_RETRAIN_MAX_SECONDS`` records its job as failed (reason ``timeout``) and exits, which frees
+the retrain lock.
 """
 
 from __future__ import annotations
@@ -20,8 +29,11 @@ import argparse
 import hashlib
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,12 +41,13 @@ import structlog
 from numpy.typing import NDArray
 from sklearn.metrics import balanced_accuracy_score
 
+from app.errors import CurrentVersionChangedError
 from app.ml.data import CORPORA, LABELS, Corpus, fingerprint_rows
-from app.ml.drift_reference import build_reference
-from app.ml.evaluate import classification_report
-from app.ml.pipeline import ModelParams, build_pipeline
+from app.ml.drift_reference import DriftReference, build_reference
+from app.ml.model import SentimentModel, build_model
+from app.ml.model_card import register_version
 from app.ml.registry import LoadedModel, ModelRegistry
-from app.ml.train import library_versions, split_holdout, version_artifacts
+from app.ml.train import split_holdout
 from app.monitoring import metrics
 from app.monitoring.prediction_log import PredictionLog
 from app.retrain.launcher import LOCK_FD_ENV, try_lock
@@ -42,13 +55,17 @@ from app.settings import Settings
 
 log = structlog.get_logger("app.retrain.job")
 
+TIMEOUT_EXIT_CODE = 124
+"""Exit status of a retrain process its watchdog ended (as ``timeout(1)``'s)."""
 REFERENCE_ROWS = 1000
 MIN_TRAFFIC_REFERENCE = 200
+FEEDBACK_SUFFIX = "+feedback"
+"""A retrained version's ``data.corpus`` is its base corpus's name and this suffix."""
 
 
 @dataclass(frozen=True)
 class Outcome:
-    outcome: str  # promoted, rejected, skipped_no_new_labels, skipped_too_few_labels
+    outcome: str  # promoted, rejected, superseded, skipped_no_new_labels, skipped_too_few_labels
     details: dict[str, Any]
     candidate_version: str | None = None
 
@@ -61,6 +78,13 @@ def in_feedback_holdout(prediction_id: str, fraction: float) -> bool:
 def corpus_of(name: str, rows: list[dict[str, Any]]) -> Corpus:
     texts = [r["text"] for r in rows]
     labels = np.array([LABELS.index(r["label"]) for r in rows], dtype=np.int64)
+    return Corpus(name, texts, labels, fingerprint_rows(texts, labels))
+
+
+def joined(name: str, first: Corpus, second: Corpus) -> Corpus:
+    """The rows of ``first`` then ``second`` as one corpus."""
+    texts = first.texts + second.texts
+    labels = np.concatenate([first.labels, second.labels])
     return Corpus(name, texts, labels, fingerprint_rows(texts, labels))
 
 
@@ -79,9 +103,8 @@ def group_weights(groups: list[tuple[NDArray[np.int64], float]]) -> NDArray[np.f
     return np.concatenate(weights)
 
 
-def balanced(model: Any, corpus: Corpus) -> float:
-    predicted = (model.predict_proba(corpus.texts)[:, 1] >= 0.5).astype(np.int64)
-    return float(balanced_accuracy_score(corpus.labels, predicted))
+def balanced(model: SentimentModel, corpus: Corpus) -> float:
+    return float(balanced_accuracy_score(corpus.labels, model.predict(corpus.texts)))
 
 
 def promotes(gate: dict[str, Any], margin: float) -> bool:
@@ -109,103 +132,187 @@ def labels_tried(registry: ModelRegistry, current: LoadedModel) -> tuple[float, 
     return max(tried)
 
 
-def retrain(settings: Settings, job_id: str, trigger: str) -> Outcome:
-    registry = ModelRegistry(settings.model_store)
-    store = PredictionLog(settings.prediction_log_url)
-    current: LoadedModel | None = registry.load_current()
-    if current is None:
-        raise RuntimeError("no current model to improve on")
-    data_meta = current.metadata.get("data", {})
+@dataclass(frozen=True)
+class Feedback:
+    """The labelled feedback of one retrain, split by :func:`in_feedback_holdout`."""
+
+    rows: list[dict[str, Any]]  # every labelled prediction
+    new_rows: int  # labelled since the labels last tried
+    fit: Corpus
+    holdout: Corpus
+
+    def description(self) -> dict[str, Any]:
+        """The card's ``data.feedback`` block (``through``: the newest label this retrain tried)."""
+        return {
+            "rows": len(self.rows),
+            "new_rows": self.new_rows,
+            "fit_rows": len(self.fit),
+            "holdout_rows": len(self.holdout),
+            "through": max(r["labelled_at"] for r in self.rows),
+            "positive_share": float(np.mean([r["label"] == "positive" for r in self.rows])),
+        }
+
+
+def collect_feedback(
+    registry: ModelRegistry, current: LoadedModel, labelled: list[dict[str, Any]], settings: Settings
+) -> Feedback | Outcome:
+    """The feedback to retrain on, or the skip outcome when too few labels are newer than the last try."""
     through, tried_by = labels_tried(registry, current)
-    labelled = store.labelled()
-    new = [r for r in labelled if r["labelled_at"] > through]
+    new = sum(r["labelled_at"] > through for r in labelled)
     if not new:
         return Outcome(
             "skipped_no_new_labels", {"labelled_rows": len(labelled), "through": through, "tried_by": tried_by}
         )
-    if len(new) < settings.retrain_min_labels:
+    if new < settings.retrain_min_labels:
         return Outcome(
-            "skipped_too_few_labels",
-            {"new_labels": len(new), "needed": settings.retrain_min_labels, "tried_by": tried_by},
+            "skipped_too_few_labels", {"new_labels": new, "needed": settings.retrain_min_labels, "tried_by": tried_by}
         )
+    held = [in_feedback_holdout(r["id"], settings.retrain_feedback_holdout_fraction) for r in labelled]
+    return Feedback(
+        labelled,
+        new,
+        corpus_of("feedback:fit", [r for r, h in zip(labelled, held, strict=True) if not h]),
+        corpus_of("feedback:holdout", [r for r, h in zip(labelled, held, strict=True) if h]),
+    )
 
-    fraction = settings.retrain_feedback_holdout_fraction
-    held = [in_feedback_holdout(r["id"], fraction) for r in labelled]
-    feedback_fit = corpus_of("feedback:fit", [r for r, h in zip(labelled, held, strict=True) if not h])
-    feedback_holdout = corpus_of("feedback:holdout", [r for r, h in zip(labelled, held, strict=True) if h])
-    params = ModelParams.from_dict(current.metadata.get("params", {}))
-    base_name = str(data_meta.get("corpus", "rotten_tomatoes")).split("+")[0]
-    base = CORPORA[base_name](settings.data_dir)
-    base_fit, base_holdout = split_holdout(base, float(data_meta.get("holdout_fraction", 0.15)), params.random_state)
 
-    texts = base_fit.texts + feedback_fit.texts
-    labels = np.concatenate([base_fit.labels, feedback_fit.labels])
-    share = settings.retrain_feedback_weight
-    weights = group_weights([(base_fit.labels, 1 - share), (feedback_fit.labels, share)])
+@dataclass(frozen=True)
+class BaseData:
+    """The base corpus of the current model's line, split the way it was first trained."""
+
+    name: str  # its name in CORPORA
+    fit: Corpus
+    holdout: Corpus
+    holdout_fraction: float
+    seed: int
+
+
+def base_corpus_name(data: dict[str, Any]) -> str:
+    """The :data:`CORPORA` name of the corpus a version's line of models was first trained on."""
+    # Versions registered before ``base_corpus`` was recorded name it in ``corpus``, a retrained one as
+    # "<name>+feedback".
+    name = data.get("base_corpus") or str(data.get("corpus", "rotten_tomatoes")).removesuffix(FEEDBACK_SUFFIX)
+    if name not in CORPORA:
+        raise RuntimeError(f"the base corpus {name!r} is not one of {sorted(CORPORA)}: nothing to retrain on")
+    return str(name)
+
+
+def base_data(metadata: dict[str, Any], data_dir: Path) -> BaseData:
+    """The current version's base corpus, reloaded and split with its recorded fraction and seed."""
+    data = metadata.get("data", {})
+    name = base_corpus_name(data)
+    fraction = float(data.get("holdout_fraction", 0.15))
+    seed = int(data.get("holdout_seed", metadata.get("params", {}).get("random_state", 0)))
+    fit, holdout = split_holdout(CORPORA[name](data_dir), fraction, seed)
+    return BaseData(name, fit, holdout, fraction, seed)
+
+
+def fit_candidate(current: SentimentModel, fit: Corpus, weights: NDArray[np.float64]) -> tuple[SentimentModel, float]:
+    """A model of the current one's kind and parameters fitted on the weighted rows, and its fit seconds."""
     started = time.perf_counter()
-    candidate = build_pipeline(params).fit(texts, labels, classifier__sample_weight=weights)
-    fit_seconds = time.perf_counter() - started
+    candidate = build_model(current.kind, current.params_dict()).fit(fit.texts, fit.labels, sample_weight=weights)
+    return candidate, time.perf_counter() - started
 
+
+def run_gate(
+    candidate: SentimentModel, current: SentimentModel, base_holdout: Corpus, feedback_holdout: Corpus, margin: float
+) -> dict[str, Any]:
+    """Both models scored on both holdouts, and the gate's decision (``promote`` or ``reject``)."""
     gate: dict[str, Any] = {
         "base_holdout_rows": len(base_holdout),
         "feedback_holdout_rows": len(feedback_holdout),
         "candidate": {"base": balanced(candidate, base_holdout), "feedback": balanced(candidate, feedback_holdout)},
-        "current": {
-            "base": balanced(current.pipeline, base_holdout),
-            "feedback": balanced(current.pipeline, feedback_holdout),
-        },
-        "margin": settings.retrain_promotion_margin,
+        "current": {"base": balanced(current, base_holdout), "feedback": balanced(current, feedback_holdout)},
+        "margin": margin,
         "metric": "balanced_accuracy",
     }
-    promote = promotes(gate, settings.retrain_promotion_margin)
-    gate["decision"] = "promote" if promote else "reject"
+    gate["decision"] = "promote" if promotes(gate, margin) else "reject"
+    return gate
 
-    holdout_texts = base_holdout.texts + feedback_holdout.texts
-    holdout_labels = np.concatenate([base_holdout.labels, feedback_holdout.labels])
-    holdout = Corpus(
-        f"{base_name}+feedback holdout", holdout_texts, holdout_labels, fingerprint_rows(holdout_texts, holdout_labels)
-    )
-    report = classification_report(holdout.labels, candidate.predict_proba(holdout.texts)[:, 1])
-    fitted = set(feedback_fit.texts)
-    traffic = [r["text"] for r in store.window(REFERENCE_ROWS * 2, current.version) if r["text"] not in fitted]
-    reference_texts = traffic[-REFERENCE_ROWS:] if len(traffic) >= MIN_TRAFFIC_REFERENCE else holdout.texts
-    reference = build_reference(
-        candidate, texts, reference_texts, candidate.predict_proba(reference_texts)[:, 1], seed=params.random_state
-    )
-    metadata = {
-        "metrics": {k: v for k, v in report.items() if k != "reliability"},
-        "params": params.to_dict(),
-        "data": {
-            "corpus": f"{base_name}+feedback",
-            "fingerprint": fingerprint_rows(texts, labels),
-            "rows": len(texts) + len(holdout),
-            "fit_rows": len(texts),
-            "holdout_rows": len(holdout),
-            "holdout_fraction": data_meta.get("holdout_fraction", 0.15),
-            "holdout_fingerprint": holdout.fingerprint,
-            "drift_reference_rows": reference.size,
-            "drift_reference_source": "recent_traffic" if reference_texts is not holdout.texts else "holdout",
-            "feedback": {
-                "rows": len(labelled),
-                "new_rows": len(new),
-                "fit_rows": len(feedback_fit),
-                "holdout_rows": len(feedback_holdout),
-                "through": max(r["labelled_at"] for r in labelled),
-                "positive_share": float(np.mean([r["label"] == "positive" for r in labelled])),
-            },
-        },
-        "gate": gate,
-        "retrain": {"job_id": job_id, "trigger": trigger},
-        "libraries": library_versions(),
-        "parent": current.version,
-        "fit_seconds": round(fit_seconds, 2),
+
+def drift_reference_of(
+    candidate: SentimentModel, fit: Corpus, holdout: Corpus, traffic: list[str], seed: int
+) -> tuple[DriftReference, str]:
+    """The candidate's drift reference and its source: recent ``traffic`` it was not fitted on if there
+    is enough of it (the traffic the candidate is made for), else the holdout."""
+    if len(traffic) >= MIN_TRAFFIC_REFERENCE:
+        texts, source = traffic[-REFERENCE_ROWS:], "recent_traffic"
+    else:
+        texts, source = holdout.texts, "holdout"
+    return build_reference(candidate, fit.texts, texts, candidate.p_positive(texts), seed=seed), source
+
+
+def card_data(
+    base: BaseData, fit: Corpus, holdout: Corpus, feedback: Feedback, reference_source: str
+) -> dict[str, Any]:
+    """The ``data`` block of a retrained version's card."""
+    return {
+        "corpus": f"{base.name}{FEEDBACK_SUFFIX}",
+        "base_corpus": base.name,
+        "fingerprint": fit.fingerprint,
+        "rows": len(fit) + len(holdout),
+        "holdout_fraction": base.holdout_fraction,
+        "holdout_seed": base.seed,
+        "drift_reference_source": reference_source,
+        "feedback": feedback.description(),
     }
-    version = registry.register(
-        version_artifacts(candidate, report, holdout, reference), metadata, stage="candidate" if promote else "rejected"
-    )
-    if promote:
-        registry.promote(version.version)
-    return Outcome("promoted" if promote else "rejected", {"gate": gate}, version.version)
+
+
+def promote_candidate(registry: ModelRegistry, version: str, parent: str, gate: dict[str, Any]) -> Outcome:
+    """Promote ``version`` if ``parent`` is still current, checked under the store's lock. Otherwise an
+    operator promoted or rolled back while the retrain ran; their choice stays and the outcome is
+    ``superseded`` (reason ``parent_not_current``), the candidate left in stage ``candidate``."""
+    try:
+        registry.promote(version, expected_current=parent)
+    except CurrentVersionChangedError as exc:
+        current = exc.details["current"]
+        log.warning("retrain_superseded", candidate_version=version, parent=parent, current_version=current)
+        details = {"gate": gate, "reason": "parent_not_current", "parent": parent, "current_version": current}
+        return Outcome("superseded", details, version)
+    return Outcome("promoted", {"gate": gate}, version)
+
+
+def retrain(settings: Settings, job_id: str, trigger: str, *, settle: Callable[[], None] = lambda: None) -> Outcome:
+    """One guarded retrain of the current model on its base corpus plus labelled feedback (module doc).
+
+    ``settle`` is called once the candidate is registered, before it may be promoted (the watchdog's
+    :meth:`Watchdog.claim`: from then on the outcome is this function's).
+    """
+    registry = ModelRegistry.from_settings(settings)
+    predictions = PredictionLog.from_settings(settings)
+    current = registry.load_current()
+    if current is None:
+        raise RuntimeError("no current model to improve on")
+    feedback = collect_feedback(registry, current, predictions.labelled(), settings)
+    if isinstance(feedback, Outcome):
+        return feedback
+    base = base_data(current.metadata, settings.data_dir)
+    fit = joined(f"{base.name}{FEEDBACK_SUFFIX}:fit", base.fit, feedback.fit)
+    share = settings.retrain_feedback_weight
+    weights = group_weights([(base.fit.labels, 1 - share), (feedback.fit.labels, share)])
+    candidate, fit_seconds = fit_candidate(current.model, fit, weights)
+    gate = run_gate(candidate, current.model, base.holdout, feedback.holdout, settings.retrain_promotion_margin)
+
+    holdout = joined(f"{base.name}{FEEDBACK_SUFFIX} holdout", base.holdout, feedback.holdout)
+    fitted = set(feedback.fit.texts)
+    traffic = [r["text"] for r in predictions.window(REFERENCE_ROWS * 2, current.version) if r["text"] not in fitted]
+    reference, reference_source = drift_reference_of(candidate, fit, holdout, traffic, base.seed)
+    promote = gate["decision"] == "promote"
+    version = register_version(
+        registry,
+        candidate,
+        fit=fit,
+        holdout=holdout,
+        reference=reference,
+        data=card_data(base, fit, holdout, feedback, reference_source),
+        parent=current.version,
+        extra={"gate": gate, "retrain": {"job_id": job_id, "trigger": trigger}, "fit_seconds": round(fit_seconds, 2)},
+        stage="candidate" if promote else "rejected",
+    ).version
+    settle()
+    if not promote:
+        return Outcome("rejected", {"gate": gate}, version.version)
+    return promote_candidate(registry, version.version, current.version, gate)
 
 
 def lower_priority() -> None:
@@ -231,6 +338,87 @@ def _hold_lock(settings: Settings) -> int:
     return fd
 
 
+class Watchdog:
+    """Ends a retrain that runs past ``max_seconds``: calls ``on_timeout`` (which records the job as
+    failed), then exits the process at once with :data:`TIMEOUT_EXIT_CODE`; the kernel frees the retrain
+    lock with the process.
+
+    The job's outcome is recorded by one side only. The main thread :meth:`claim` s it before promoting
+    and before recording; past that the watchdog waits up to ``grace_seconds`` for the process to end,
+    then exits without recording (the launcher marks a job that never reported as failed).
+    """
+
+    def __init__(self, max_seconds: float, on_timeout: Callable[[], None], grace_seconds: float = 60.0) -> None:
+        self.max_seconds = max_seconds
+        self._on_timeout = on_timeout
+        self._grace_seconds = grace_seconds
+        self._outcome = threading.Lock()
+        self._claimed = False
+        self._timer = threading.Timer(max_seconds, self._expire)
+        self._timer.daemon = True
+
+    def start(self) -> Watchdog:
+        self._timer.start()
+        return self
+
+    def claim(self) -> None:
+        """From now on the main thread records the outcome; blocks for good if the watchdog already
+        does (the process is about to exit). Main thread only."""
+        if not self._claimed:
+            self._outcome.acquire()
+            self._claimed = True
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        try:
+            if self._outcome.acquire(timeout=self._grace_seconds):
+                self._on_timeout()
+        except Exception:
+            log.exception("retrain_timeout_unrecorded")
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(TIMEOUT_EXIT_CODE)
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """Records how one retrain job ended: metrics, the log line and the job's row."""
+
+    predictions: PredictionLog
+    job_id: str
+    trigger: str
+    started: float  # time.perf_counter() at the start
+
+    def failed(self, error: str, **extra: Any) -> None:
+        metrics.RETRAIN_TOTAL.labels(trigger=self.trigger, outcome="failed").inc()
+        metrics.RETRAIN_DURATION.observe(time.perf_counter() - self.started)
+        self.predictions.finish_job(self.job_id, "failed", "failed", {"error": error, **extra})
+
+    def timed_out(self, max_seconds: float) -> None:
+        # Runs on the watchdog's thread, which does not see the main thread's bound job_id.
+        log.error("retrain_failed", job_id=self.job_id, reason="timeout", max_seconds=max_seconds)
+        self.failed(f"the retrain ran past SENTIMENT_RETRAIN_MAX_SECONDS ({max_seconds:g} s)", reason="timeout")
+
+    def finished(self, result: Outcome) -> None:
+        seconds = time.perf_counter() - self.started
+        metrics.RETRAIN_TOTAL.labels(trigger=self.trigger, outcome=result.outcome).inc()
+        metrics.RETRAIN_DURATION.observe(seconds)
+        details = {**result.details, "seconds": round(seconds, 1)}
+        self.predictions.finish_job(
+            self.job_id, "succeeded", result.outcome, details, candidate_version=result.candidate_version
+        )
+        log.info(
+            "retrain_finished",
+            outcome=result.outcome,
+            candidate_version=result.candidate_version,
+            seconds=round(seconds, 1),
+            gate=result.details.get("gate"),
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     from app.logs import configure_logging
 
@@ -242,36 +430,22 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     lower_priority()
     lock = _hold_lock(settings)
-    store = PredictionLog(settings.prediction_log_url)
     structlog.contextvars.bind_contextvars(job_id=args.job_id)
-    started = time.perf_counter()
-    log.info("retrain_running", trigger=args.trigger)
+    report = JobReport(PredictionLog.from_settings(settings), args.job_id, args.trigger, time.perf_counter())
+    max_seconds = settings.retrain_max_seconds
+    watchdog = Watchdog(max_seconds, lambda: report.timed_out(max_seconds)).start()
+    log.info("retrain_running", trigger=args.trigger, max_seconds=max_seconds)
     try:
-        result = retrain(settings, args.job_id, args.trigger)
+        result = retrain(settings, args.job_id, args.trigger, settle=watchdog.claim)
     except Exception as exc:
-        metrics.RETRAIN_TOTAL.labels(trigger=args.trigger, outcome="failed").inc()
-        metrics.RETRAIN_DURATION.observe(time.perf_counter() - started)
+        watchdog.claim()
         log.exception("retrain_failed", reason=str(exc))
-        store.finish_job(args.job_id, "failed", "failed", {"error": str(exc)})
+        report.failed(str(exc))
         os.close(lock)  # only after the outcome is recorded: the next retrain sees a finished job
         return 1
-    seconds = time.perf_counter() - started
-    metrics.RETRAIN_TOTAL.labels(trigger=args.trigger, outcome=result.outcome).inc()
-    metrics.RETRAIN_DURATION.observe(seconds)
-    store.finish_job(
-        args.job_id,
-        "succeeded",
-        result.outcome,
-        {**result.details, "seconds": round(seconds, 1)},
-        candidate_version=result.candidate_version,
-    )
-    log.info(
-        "retrain_finished",
-        outcome=result.outcome,
-        candidate_version=result.candidate_version,
-        seconds=round(seconds, 1),
-        gate=result.details.get("gate"),
-    )
+    watchdog.claim()
+    report.finished(result)
+    watchdog.stop()
     return 0
 
 

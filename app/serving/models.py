@@ -7,17 +7,15 @@ import contextlib
 import fcntl
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
-from numpy.typing import NDArray
 
 from app.errors import ModelNotReadyError, SentimentServiceError
-from app.ml.inference import compile_pipeline
+from app.ml.model import ProbaFunction
 from app.ml.registry import REFERENCE_ARTIFACT, LoadedModel, ModelRegistry
 from app.monitoring.metrics import MODEL_INFO
 
@@ -39,20 +37,19 @@ class ServedModel:
 
     version: str
     metadata: dict[str, Any]
-    predict_proba: Callable[[Sequence[str]], NDArray[np.float64]]
+    predict_proba: ProbaFunction
     compiled: bool
     loaded: LoadedModel
 
 
 def prepare(model: LoadedModel) -> ServedModel:
-    """Serve ``model`` through :mod:`app.ml.inference` when that reproduces it on held-out probes."""
+    """Serve ``model`` through its fastest ``predict_proba`` that reproduces it on held-out probes."""
     try:
         probes = list(model.read_json(REFERENCE_ARTIFACT)["texts"][:PROBE_COUNT])
     except (OSError, ValueError, KeyError, TypeError):
         probes = []
-    compiled = compile_pipeline(model.pipeline, probes + _EDGE_PROBES)
-    predict = compiled.predict_proba if compiled is not None else model.pipeline.predict_proba
-    return ServedModel(model.version, model.metadata, predict, compiled is not None, model)
+    predict, compiled = model.model.serving_predictor(probes + _EDGE_PROBES)
+    return ServedModel(model.version, model.metadata, predict, compiled, model)
 
 
 class ModelManager:
@@ -141,7 +138,13 @@ class ModelManager:
             yield  # closing the file releases the lock
 
     async def watch(self) -> None:
-        """Poll the pointer every ``reload_interval`` seconds; loads run on a thread, off the event loop."""
+        """Poll the pointer every ``reload_interval`` seconds; loads run on a thread, off the event loop.
+
+        Nothing a poll raises ends the watch (``model_watch_failed``): the next poll tries again.
+        """
         while True:
             await asyncio.sleep(self.reload_interval)
-            await asyncio.to_thread(self.sync)
+            try:
+                await asyncio.to_thread(self.sync)
+            except Exception as exc:
+                log.exception("model_watch_failed", reason=str(exc))

@@ -194,7 +194,7 @@ def test_drift_alert_retrains_promotes_and_resolves_without_a_failed_request(
         assert jobs[-1]["trigger"] == "alertmanager"
 
         # 4. Better on held-out tweets; the alert resolves.
-        before, after = (balanced(store.load(v).pipeline, held_out) for v in (original, promoted))
+        before, after = (balanced(store.load(v).model, held_out) for v in (original, promoted))
         assert after > before + 0.05, (before, after)
         assert wait_for(lambda: not firing(prometheus, "SentimentDriftDetected"), 120), "drift alert never resolved"
         resolved_after = time.monotonic() - switched

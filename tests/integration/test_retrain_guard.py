@@ -85,7 +85,7 @@ def test_a_killed_retrain_frees_the_lock_leaves_no_version_and_is_marked_failed(
         log_store.create_tables()
         tweets = load_tweets()
         model = store.load(full_store[1])
-        log_predictions(log_store, model.pipeline, model.version, tweets.texts[:1500], tweets.labels[:1500])
+        log_predictions(log_store, model.model, model.version, tweets.texts[:1500], tweets.labels[:1500])
         started = httpx.post(f"{service.url}/v1/retrain", headers=ADMIN, timeout=10).json()
         assert started["status"] == "retrain_started"
         job_pid = wait_for(

@@ -21,17 +21,17 @@ ODD_TEXTS = ["", "!!!", "zzzz qqqq", "\U0001f600", "NOT BAD AT ALL :)", "x" * 50
 def test_compiled_probabilities_equal_the_pipelines(store: ModelRegistry, rotten_tomatoes: Corpus) -> None:
     model = store.load_current()
     assert model is not None
-    compiled = compile_pipeline(model.pipeline, rotten_tomatoes.texts[:50])
+    compiled = compile_pipeline(model.model.pipeline, rotten_tomatoes.texts[:50])
     assert compiled is not None
     texts = rotten_tomatoes.texts[-2000:] + ODD_TEXTS
-    gap = np.abs(compiled.predict_proba(texts) - model.pipeline.predict_proba(texts)).max()
+    gap = np.abs(compiled.predict_proba(texts) - model.model.pipeline.predict_proba(texts)).max()
     assert gap <= TOLERANCE
 
 
 def test_batch_composition_does_not_change_a_texts_probability(store: ModelRegistry, rotten_tomatoes: Corpus) -> None:
     model = store.load_current()
     assert model is not None
-    compiled = compile_pipeline(model.pipeline, rotten_tomatoes.texts[:20])
+    compiled = compile_pipeline(model.model.pipeline, rotten_tomatoes.texts[:20])
     assert compiled is not None
     texts = rotten_tomatoes.texts[:64]
     together = compiled.predict_proba(texts)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import joblib
 import numpy as np
 import pytest
 
 from app.ml.data import Corpus, load_clothing
-from app.ml.drift_reference import DRIFT_ARTIFACT, DriftReference
+from app.ml.drift_reference import DriftReference, load_reference
 from app.ml.registry import LoadedModel, ModelRegistry
 
 
@@ -20,7 +19,7 @@ def current(store: ModelRegistry) -> LoadedModel:
 
 @pytest.fixture
 def reference(current: LoadedModel) -> DriftReference:
-    return joblib.load(current.path / DRIFT_ARTIFACT)  # type: ignore[no-any-return]
+    return load_reference(current)
 
 
 @pytest.fixture(scope="session")

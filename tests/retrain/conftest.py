@@ -46,5 +46,5 @@ def add_feedback(store: PredictionLog, registry: ModelRegistry, corpus: Corpus, 
     model = registry.load_current()
     assert model is not None
     log_predictions(
-        store, model.pipeline, model.version, corpus.texts[start : start + count], corpus.labels[start : start + count]
+        store, model.model, model.version, corpus.texts[start : start + count], corpus.labels[start : start + count]
     )
