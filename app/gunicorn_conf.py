@@ -9,17 +9,21 @@ import sys
 from typing import Any
 
 from app.logs import configure_structlog, dict_config
-from app.monitoring.metrics import initialise_counters, mark_process_dead
+from app.monitoring.metrics import initialise_counters, retire_process
 from app.settings import Settings
 
 _settings = Settings()
 
 bind = [f"{_settings.host}:{_settings.port}"]
 workers = _settings.workers
-worker_class = "uvicorn_worker.UvicornWorker"
+# uvicorn's worker plus limits for slow and idle clients (app/gunicorn_worker.py).
+worker_class = "app.gunicorn_worker.SentimentWorker"
 timeout = _settings.worker_timeout_seconds
 graceful_timeout = _settings.graceful_timeout_seconds
 keepalive = _settings.keepalive_seconds
+# Per worker: open connections and requests in progress beyond this answer 503 (uvicorn limit_concurrency).
+worker_connections = _settings.worker_connections
+backlog = _settings.backlog
 # Each worker builds its own app (and loads the model) after the fork: nothing heavy is shared by
 # copy-on-write pages that reference counting would dirty anyway, and a worker restart reloads cleanly.
 preload_app = False
@@ -43,8 +47,9 @@ configure_structlog()
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """A worker exited (normally or killed): drop its live gauges; its counters stay in the totals."""
-    mark_process_dead(worker.pid)
+    """A worker exited (normally or killed) and was reaped: drop its live gauges and fold its other metric
+    files (and those of any other dead process) into the aggregates; its counts stay in the totals."""
+    retire_process(worker.pid)
 
 
 def post_worker_init(worker: Any) -> None:

@@ -1,12 +1,14 @@
-"""Typed dependency aliases: routes receive their collaborators from ``app.state``.
+"""Typed dependency aliases: routes receive their collaborators from the one ``app.state.services``.
 
 Every dependency is ``async def``: FastAPI runs plain ``def`` dependencies in a thread pool, a hand-off
-that cost about 10 % of a worker's time per request.
+that cost about 10 % of a worker's time per request. Each alias reads its field straight from the
+container, so a route pays one dependency call per collaborator, as with separate getters.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
@@ -17,25 +19,29 @@ from app.monitoring.prediction_log import PredictionLog
 from app.monitoring.status import DriftStatus
 from app.retrain.launcher import RetrainLauncher
 from app.retrain.webhooks import WebhookService
+from app.services import Services
 from app.serving.models import ModelManager
 from app.serving.predictor import Predictor
 from app.settings import Settings
 
-
-async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+T = TypeVar("T")
 
 
-async def get_registry(request: Request) -> ModelRegistry:
-    return request.app.state.registry  # type: ignore[no-any-return]
+def services_of(request: Request) -> Services:
+    """The container the lifespan put on ``app.state``: the one place routes get collaborators from."""
+    services: Services = request.app.state.services
+    return services
 
 
-async def get_models(request: Request) -> ModelManager:
-    return request.app.state.models  # type: ignore[no-any-return]
+async def get_services(request: Request) -> Services:
+    return services_of(request)
 
 
-async def get_predictor(request: Request) -> Predictor:
-    return request.app.state.predictor  # type: ignore[no-any-return]
+def _field(get: Callable[[Services], T]) -> Callable[[Request], Awaitable[T]]:
+    async def dependency(request: Request) -> T:
+        return get(services_of(request))
+
+    return dependency
 
 
 async def require_json(request: Request) -> None:
@@ -47,33 +53,14 @@ async def require_json(request: Request) -> None:
         )
 
 
-async def get_prediction_log(request: Request) -> PredictionLog:
-    return request.app.state.prediction_log  # type: ignore[no-any-return]
-
-
-async def get_drift_status(request: Request) -> DriftStatus:
-    return request.app.state.drift_status  # type: ignore[no-any-return]
-
-
-async def get_feedback(request: Request) -> FeedbackService:
-    return request.app.state.feedback  # type: ignore[no-any-return]
-
-
-async def get_webhooks(request: Request) -> WebhookService:
-    return request.app.state.webhooks  # type: ignore[no-any-return]
-
-
-async def get_launcher(request: Request) -> RetrainLauncher:
-    return request.app.state.launcher  # type: ignore[no-any-return]
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
-ModelsDep = Annotated[ModelManager, Depends(get_models)]
-PredictorDep = Annotated[Predictor, Depends(get_predictor)]
-PredictionLogDep = Annotated[PredictionLog, Depends(get_prediction_log)]
-DriftStatusDep = Annotated[DriftStatus, Depends(get_drift_status)]
-FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
-WebhooksDep = Annotated[WebhookService, Depends(get_webhooks)]
-LauncherDep = Annotated[RetrainLauncher, Depends(get_launcher)]
+ServicesDep = Annotated[Services, Depends(get_services)]
+SettingsDep = Annotated[Settings, Depends(_field(lambda s: s.settings))]
+RegistryDep = Annotated[ModelRegistry, Depends(_field(lambda s: s.registry))]
+ModelsDep = Annotated[ModelManager, Depends(_field(lambda s: s.models))]
+PredictorDep = Annotated[Predictor, Depends(_field(lambda s: s.predictor))]
+PredictionsDep = Annotated[PredictionLog, Depends(_field(lambda s: s.predictions))]
+DriftStatusDep = Annotated[DriftStatus, Depends(_field(lambda s: s.drift_status))]
+FeedbackDep = Annotated[FeedbackService, Depends(_field(lambda s: s.feedback))]
+WebhooksDep = Annotated[WebhookService, Depends(_field(lambda s: s.webhooks))]
+LauncherDep = Annotated[RetrainLauncher, Depends(_field(lambda s: s.launcher))]
 JsonBody = Depends(require_json)

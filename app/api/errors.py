@@ -49,6 +49,7 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
@@ -96,12 +97,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError | ValueError):
+        # FastAPI's "There was an error parsing the body": JSON nested past the parser's recursion limit
+        # (or text the JSON decoder refused); the documented answer to a body that is not JSON.
+        return error_response(422, "malformed_json", "request body is not valid JSON")
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers; unhandled exceptions are rendered by the request middleware."""
+    """Register the handlers; unhandled exceptions are rendered by ``InternalErrorMiddleware``."""
     app.add_exception_handler(SentimentServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,14 +1,22 @@
-"""``GET /v1/models`` and ``GET /v1/models/current``: what the store holds and what is served."""
+"""``GET /v1/models``, ``/v1/models/current`` and ``/v1/models/{version}``: what the model store holds and
+what this worker serves."""
 
 from __future__ import annotations
+
+import re
 
 from fastapi import APIRouter
 
 from app.api.deps import ModelsDep, RegistryDep
 from app.api.schemas import ErrorOut, ModelListOut, ModelVersionOut
+from app.errors import VersionNotFoundError
 from app.ml.registry import ModelVersion
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+
+# What a version folder can be called: the store never makes other names, and anything else (NUL, a path
+# separator, a name longer than the file system takes) must not reach it as a path.
+_VERSION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}", re.ASCII)
 
 
 def _out(entry: ModelVersion, current: str | None) -> ModelVersionOut:
@@ -51,4 +59,6 @@ async def current_model(registry: RegistryDep, models: ModelsDep) -> ModelVersio
     summary="One registered model version",
 )
 async def get_model(version: str, registry: RegistryDep) -> ModelVersionOut:
+    if not _VERSION_NAME.fullmatch(version):
+        raise VersionNotFoundError("no such model version")  # not echoed: it can be 1 KiB of control bytes
     return _out(registry.get(version), registry.current_version())

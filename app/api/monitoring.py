@@ -8,11 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.api.deps import DriftStatusDep, FeedbackDep, JsonBody, PredictionLogDep, SettingsDep
+from app.api.deps import DriftStatusDep, FeedbackDep, JsonBody, PredictionsDep, SettingsDep
 from app.api.schemas import DriftOut, ErrorOut, FeedbackIn, FeedbackOut
 from app.errors import StorageUnavailableError
 from app.monitoring.metrics import RetrainLockCollector, render
-from app.monitoring.status import iso
+from app.monitoring.status import utc
 from app.retrain.launcher import retrain_running
 
 router = APIRouter(tags=["monitoring"])
@@ -22,16 +22,16 @@ router = APIRouter(tags=["monitoring"])
     "/v1/drift", response_model=DriftOut, responses={503: {"model": ErrorOut}}, summary="Drift status and recent checks"
 )
 async def drift(
-    store: PredictionLogDep,
+    predictions: PredictionsDep,
     status: DriftStatusDep,
     limit: Annotated[int, Query(ge=1, le=500, description="How many recent checks to return.")] = 20,
 ) -> dict[str, Any]:
     try:
-        history = await asyncio.to_thread(store.drift_history, limit)
+        history = await predictions.call(predictions.drift_history, limit)
     except SQLAlchemyError as exc:
         raise StorageUnavailableError("the prediction log is unavailable; retry later") from exc
     for check in history:
-        check["checked_at"] = iso(check["checked_at"])
+        check["checked_at"] = utc(check["checked_at"])
     await status.update()
     return {"current": status.summary, "history": history}
 

@@ -1,66 +1,84 @@
-"""Alert webhooks (``/v1/webhooks/alertmanager``, ``/v1/webhooks/grafana``) and admin retrain endpoints."""
+"""Alert webhooks (``/v1/webhooks/<source>``, one route per registered source) and admin retrain endpoints."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from app.api.deps import JsonBody, LauncherDep, PredictionLogDep, SettingsDep, WebhooksDep
+from app.api.deps import JsonBody, LauncherDep, PredictionsDep, ServicesDep, WebhooksDep
 from app.api.schemas import ErrorOut, RetrainJobOut, WebhookOut
 from app.errors import JobNotFoundError
-from app.monitoring.status import iso
+from app.monitoring.status import utc
 from app.retrain.alerts import UnauthorizedError, bearer_matches
-from app.retrain.webhooks import Source, WebhookService
+from app.retrain.webhooks import WebhookService, WebhookSource
 
 router = APIRouter(tags=["retrain"])
 _ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (401, 413, 415, 422)}
 
 
-async def require_admin(request: Request, settings: SettingsDep) -> None:
+async def require_admin(request: Request, services: ServicesDep) -> None:
     """401 unless ``Authorization: Bearer <SENTIMENT_ADMIN_TOKEN>``; with no admin token set, always 401."""
-    if not bearer_matches(request.headers.get("authorization", ""), settings.secret("admin_token")):
+    if not bearer_matches(request.headers.get("authorization", ""), services.admin_token):
         raise UnauthorizedError("admin token required")
 
 
 Admin = Depends(require_admin)
 
 
-async def _webhook(source: Source, request: Request, service: WebhookService) -> JSONResponse:
-    body = await request.body()
-    headers = {k.lower(): v for k, v in request.headers.items()}
-    result = await asyncio.to_thread(service.handle, source, headers, body)
-    return JSONResponse(WebhookOut(**result.__dict__).model_dump(), status_code=202)
+def _inline_refs(schema: Any, defs: dict[str, Any]) -> Any:
+    """``schema`` with every ``#/$defs/`` reference replaced by its definition (payloads are not recursive)."""
+    if isinstance(schema, dict):
+        ref = schema.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+        return {key: _inline_refs(value, defs) for key, value in schema.items() if key != "$defs"}
+    if isinstance(schema, list):
+        return [_inline_refs(item, defs) for item in schema]
+    return schema
 
 
-@router.post(
-    "/v1/webhooks/alertmanager",
-    status_code=202,
-    response_model=WebhookOut,
-    dependencies=[JsonBody],
-    responses=_ERRORS,
-    summary="Alertmanager webhook receiver (version 4)",
-)
-async def alertmanager(request: Request, service: WebhooksDep) -> JSONResponse:
-    return await _webhook("alertmanager", request, service)
+def _documented_body(payload: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a payload the route reads raw (credentials come before parsing)."""
+    schema = payload.model_json_schema()
+    content = {"application/json": {"schema": _inline_refs(schema, schema.get("$defs", {}))}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
-@router.post(
-    "/v1/webhooks/grafana",
-    status_code=202,
-    response_model=WebhookOut,
-    dependencies=[JsonBody],
-    responses=_ERRORS,
-    summary="Grafana Alerting webhook contact point (version 1)",
-)
-async def grafana(request: Request, service: WebhooksDep) -> JSONResponse:
-    return await _webhook("grafana", request, service)
+def _receiver(source: WebhookSource) -> Callable[[Request, WebhookService], Coroutine[Any, Any, JSONResponse]]:
+    async def receive(request: Request, service: WebhooksDep) -> JSONResponse:
+        body = await request.body()
+        result = await asyncio.to_thread(service.handle, source, request.headers, body)
+        return JSONResponse(WebhookOut(**result.__dict__).model_dump(), status_code=202)
+
+    return receive
+
+
+def webhook_router(sources: Sequence[WebhookSource]) -> APIRouter:
+    """``POST /v1/webhooks/<name>`` for every source, documented with its payload model."""
+    webhooks = APIRouter(prefix="/v1/webhooks", tags=["retrain"])
+    for source in sources:
+        webhooks.add_api_route(
+            f"/{source.name}",
+            _receiver(source),
+            methods=["POST"],
+            name=source.name,
+            status_code=202,
+            response_model=WebhookOut,
+            dependencies=[JsonBody],
+            responses=_ERRORS,
+            summary=source.summary,
+            openapi_extra=_documented_body(source.payload),
+        )
+    return webhooks
 
 
 def _job(row: dict[str, Any]) -> RetrainJobOut:
-    return RetrainJobOut(**{**row, "started_at": iso(row["started_at"]), "finished_at": iso(row["finished_at"])})
+    return RetrainJobOut(**{**row, "started_at": utc(row["started_at"]), "finished_at": utc(row["finished_at"])})
 
 
 @router.post(
@@ -84,9 +102,9 @@ async def start_retrain(launcher: LauncherDep) -> JSONResponse:
     responses={401: {"model": ErrorOut}},
     summary="Recent retrain jobs, newest first (admin)",
 )
-async def list_jobs(store: PredictionLogDep, launcher: LauncherDep) -> list[RetrainJobOut]:
+async def list_jobs(predictions: PredictionsDep, launcher: LauncherDep) -> list[RetrainJobOut]:
     await asyncio.to_thread(launcher.reconcile)
-    return [_job(r) for r in await asyncio.to_thread(store.jobs, 50)]
+    return [_job(r) for r in await predictions.call(predictions.jobs, 50)]
 
 
 @router.get(
@@ -96,9 +114,9 @@ async def list_jobs(store: PredictionLogDep, launcher: LauncherDep) -> list[Retr
     responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}},
     summary="One retrain job (admin)",
 )
-async def get_job(job_id: str, store: PredictionLogDep, launcher: LauncherDep) -> RetrainJobOut:
+async def get_job(job_id: str, predictions: PredictionsDep, launcher: LauncherDep) -> RetrainJobOut:
     await asyncio.to_thread(launcher.reconcile)
-    rows = await asyncio.to_thread(store.jobs, 1, job_id)
+    rows = await predictions.call(predictions.jobs, 1, job_id)
     if not rows:
         raise JobNotFoundError(f"no retrain job {job_id!r}", details={"job_id": job_id})
     return _job(rows[0])

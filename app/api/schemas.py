@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
@@ -10,16 +11,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("text must contain a non-whitespace character")
+    if "\x00" in text:  # the prediction log (PostgreSQL text) cannot store it
+        raise ValueError("text must not contain NUL characters (U+0000)")
     return text
 
 
 def text_type(max_chars: int) -> Any:
-    """A client text: 1 to ``max_chars`` characters, not only whitespace."""
+    """A client text: 1 to ``max_chars`` characters, not only whitespace, without NUL characters."""
     return Annotated[
         str,
         StringConstraints(min_length=1, max_length=max_chars),
         AfterValidator(_not_blank),
-        Field(description=f"Text to classify, 1 to {max_chars} characters."),
+        Field(description=f"Text to classify, 1 to {max_chars} characters, not only whitespace, no NUL (U+0000)."),
     ]
 
 
@@ -83,7 +86,7 @@ class DriftSummary(BaseModel):
     drift: bool = Field(description="The monitor's combined verdict.")
     p_value: float | None = Field(description="p-value of the MMD test.")
     score: float | None = Field(description="MMD distance of the live window to the reference.")
-    checked_at: str | None
+    checked_at: datetime | None = Field(description="When the check ran (UTC).")
     status: str = Field(description='"drift", "no_drift", "insufficient_data" or "unknown" (no check yet).')
 
 
@@ -100,7 +103,7 @@ class BatchPredictionOut(BaseModel):
 
 class DriftCheckOut(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
-    checked_at: str | None
+    checked_at: datetime | None
     model_version: str
     status: str
     drift: bool
@@ -140,13 +143,13 @@ class FeedbackOut(BaseModel):
 
 
 class ModelVersionOut(BaseModel):
-    """A registered model version as the store records it."""
+    """A registered model version as the model store records it."""
 
     model_config = ConfigDict(protected_namespaces=())
     version: str
     stage: str
     current: bool
-    created_at: str | None = None
+    created_at: datetime | None = None
     parent: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
@@ -198,7 +201,7 @@ class RetrainJobOut(BaseModel):
     reason: str
     status: str = Field(description="running, succeeded or failed")
     outcome: str | None = Field(description="promoted, rejected, skipped_no_new_labels, skipped_too_few_labels, failed")
-    started_at: str | None
-    finished_at: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
     candidate_version: str | None
     details: dict[str, Any]

@@ -25,14 +25,14 @@ class FeedbackReceipt:
 class FeedbackService:
     """Labels predictions in the log and keeps ``sentiment_live_accuracy`` current."""
 
-    def __init__(self, store: PredictionLog, recorder: PredictionRecorder, accuracy_window: int) -> None:
-        self.store = store
+    def __init__(self, predictions: PredictionLog, recorder: PredictionRecorder, accuracy_window: int) -> None:
+        self.predictions = predictions
         self.recorder = recorder
         self.accuracy_window = accuracy_window
 
     async def _label(self, prediction_id: str, label: str) -> LabelResult:
         try:
-            return await asyncio.to_thread(self.store.set_label, prediction_id, label)
+            return await self.predictions.call(self.predictions.set_label, prediction_id, label)
         except SQLAlchemyError as exc:
             raise StorageUnavailableError("the prediction log is unavailable; retry later") from exc
 
@@ -60,7 +60,7 @@ class FeedbackService:
         if result.outcome is LabelOutcome.STORED:
             metrics.FEEDBACK.labels(sentiment=label).inc()
             try:
-                accuracy, _ = await asyncio.to_thread(self.store.live_accuracy, self.accuracy_window)
+                accuracy, _ = await self.predictions.call(self.predictions.live_accuracy, self.accuracy_window)
             except SQLAlchemyError:
                 accuracy = None
             if accuracy is not None:

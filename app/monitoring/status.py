@@ -16,8 +16,9 @@ log = structlog.get_logger(__name__)
 UNKNOWN: dict[str, Any] = {"drift": False, "p_value": None, "score": None, "checked_at": None, "status": "unknown"}
 
 
-def iso(timestamp: float | None) -> str | None:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat() if timestamp is not None else None
+def utc(timestamp: float | None) -> datetime | None:
+    """A stored Unix time as an aware UTC datetime (JSON renders it ISO-8601 with ``Z``)."""
+    return datetime.fromtimestamp(timestamp, UTC) if timestamp is not None else None
 
 
 def summarise(check: dict[str, Any] | None) -> dict[str, Any]:
@@ -28,22 +29,23 @@ def summarise(check: dict[str, Any] | None) -> dict[str, Any]:
         "drift": bool(check["drift"]),
         "p_value": check["p_value"],
         "score": check["score"],
-        "checked_at": iso(check["checked_at"]),
+        "checked_at": utc(check["checked_at"]),
         "status": check["status"],
     }
 
 
 class DriftStatus:
-    """Refreshes the latest check from the log every ``refresh`` seconds; requests never query it."""
+    """Refreshes the latest check from the prediction database every ``refresh`` seconds; requests never
+    query it."""
 
-    def __init__(self, store: PredictionLog, refresh: float) -> None:
-        self.store = store
+    def __init__(self, predictions: PredictionLog, refresh: float) -> None:
+        self.predictions = predictions
         self.refresh = refresh
         self.summary: dict[str, Any] = dict(UNKNOWN)
 
     async def update(self) -> None:
         try:
-            latest = await asyncio.to_thread(self.store.drift_history, 1)
+            latest = await self.predictions.call(self.predictions.drift_history, 1)
         except SQLAlchemyError as exc:
             log.warning("drift_status_unavailable", reason=type(exc).__name__)
             return

@@ -1,9 +1,10 @@
-"""Alert notifications from Prometheus Alertmanager and Grafana: their payloads and their credentials.
+"""Alert notifications from Prometheus Alertmanager and Grafana: their payloads and the credential checks.
 
 Alertmanager's webhook format is ``version: "4"``; Grafana's webhook contact point sends ``version: "1"``
 with the same alert fields plus a few of its own. Both models tolerate extra fields, so newer senders
-keep working. Authentication is bearer token or basic auth for both, plus Grafana's HMAC body signature;
-every comparison is constant-time.
+keep working. A credential check is one way a sender proves itself (``HeaderCredentials``: bearer token
+or basic auth; ``HmacSignature``: Grafana's body signature, optionally over a timestamp); a ``Verifier``
+requires every configured check of a source. Every comparison is constant-time.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,7 +58,9 @@ class Alert(BaseModel):
         return f"{fingerprint}@{self.startsAt}"
 
 
-class _Notification(BaseModel):
+class Notification(BaseModel):
+    """Fields every alert notification shares: a group status and its alerts."""
+
     model_config = ConfigDict(extra="allow")
     receiver: str = ""
     status: Literal["firing", "resolved"]
@@ -65,13 +69,13 @@ class _Notification(BaseModel):
     externalURL: str = ""
 
 
-class AlertmanagerNotification(_Notification):
+class AlertmanagerNotification(Notification):
     """Alertmanager webhook body (``version: "4"``)."""
 
     version: Literal["4"]
 
 
-class GrafanaNotification(_Notification):
+class GrafanaNotification(Notification):
     """Grafana Alerting webhook contact point body (``version: "1"``)."""
 
     version: Literal["1"]
@@ -90,81 +94,110 @@ def bearer_matches(authorization: str, token: str | None) -> bool:
     return hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-@dataclass(frozen=True)
-class WebhookAuth:
-    """The credentials webhooks must present, from settings."""
+class CredentialCheck(Protocol):
+    """One way a sender proves itself; a check that is not configured is not required."""
 
+    failure: ClassVar[str]
+
+    @property
+    def configured(self) -> bool: ...
+
+    def passes(self, headers: Mapping[str, str], body: bytes, now: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class HeaderCredentials:
+    """``Authorization: Bearer <token>`` or ``Basic <user:password>``; either one, when configured, passes."""
+
+    failure: ClassVar[str] = "missing or wrong webhook credentials"
     bearer_token: str | None = None
     basic_username: str | None = None
     basic_password: str | None = None
-    hmac_secret: str | None = None
-    signature_header: str = "X-Grafana-Alerting-Signature"
-    timestamp_header: str | None = None
-    replay_window_seconds: int = 300
-    allow_unauthenticated: bool = False
 
     @property
-    def header_methods(self) -> bool:
+    def configured(self) -> bool:
         return bool(self.bearer_token or (self.basic_username and self.basic_password))
 
-    def check_configured(self) -> None:
-        """Refuse to run with no webhook credentials at all, unless development mode allows it."""
-        if not (self.header_methods or self.hmac_secret) and not self.allow_unauthenticated:
-            raise WebhookConfigurationError(
-                "webhook authentication is unset: set SENTIMENT_WEBHOOK_TOKEN(_FILE), basic auth or the Grafana "
-                "HMAC secret, or SENTIMENT_ALLOW_UNAUTHENTICATED_WEBHOOKS=true for development"
-            )
-
-    def _header_ok(self, authorization: str) -> bool:
+    def passes(self, headers: Mapping[str, str], body: bytes, now: float) -> bool:
+        authorization = headers.get("authorization", "")
         if bearer_matches(authorization, self.bearer_token):
             return True
         scheme, _, credentials = authorization.partition(" ")
-        if scheme.lower() == "basic" and self.basic_username and self.basic_password:
-            try:
-                decoded = base64.b64decode(credentials.strip(), validate=True)
-            except (binascii.Error, ValueError):
-                return False
-            user, sep, password = decoded.partition(b":")
-            expected_user, expected_password = self.basic_username.encode(), self.basic_password.encode()
-            # Both compared every time, so timing does not tell which one was wrong.
-            user_ok = hmac.compare_digest(user, expected_user)
-            password_ok = hmac.compare_digest(password, expected_password)
-            return bool(sep) and user_ok and password_ok
-        return False
+        if scheme.lower() != "basic" or not (self.basic_username and self.basic_password):
+            return False
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        user, sep, password = decoded.partition(b":")
+        # Both compared every time, so timing does not tell which one was wrong.
+        user_ok = hmac.compare_digest(user, self.basic_username.encode())
+        password_ok = hmac.compare_digest(password, self.basic_password.encode())
+        return bool(sep) and user_ok and password_ok
 
-    def _signature_ok(self, headers: Mapping[str, str], body: bytes, now: float) -> bool:
-        assert self.hmac_secret is not None
+
+# A signing time in Unix seconds: ASCII digits only (``str.isdigit`` also takes "²" and Arabic-Indic
+# digits, which ``int`` refuses or reads), short enough that ``int`` and float arithmetic never see a huge number.
+_UNIX_SECONDS = re.compile(r"[0-9]{1,12}", re.ASCII)
+
+
+@dataclass(frozen=True)
+class HmacSignature:
+    """HMAC-SHA256 of the body (or of ``<timestamp>:<body>`` with a timestamp header) in a header, hex."""
+
+    failure: ClassVar[str] = "missing, wrong or expired webhook signature"
+    secret: str | None = None
+    signature_header: str = "X-Grafana-Alerting-Signature"
+    timestamp_header: str | None = None
+    replay_window_seconds: int = 300
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.secret)
+
+    def passes(self, headers: Mapping[str, str], body: bytes, now: float) -> bool:
+        assert self.secret is not None
         signature = headers.get(self.signature_header.lower(), "")
         message = body
         if self.timestamp_header:
             stamp = headers.get(self.timestamp_header.lower(), "")
-            if not stamp.isdigit() or abs(now - int(stamp)) > self.replay_window_seconds:
+            if not _UNIX_SECONDS.fullmatch(stamp) or abs(now - int(stamp)) > self.replay_window_seconds:
                 return False
             message = stamp.encode() + b":" + body
-        expected = hmac.new(self.hmac_secret.encode(), message, hashlib.sha256).hexdigest()
+        expected = hmac.new(self.secret.encode(), message, hashlib.sha256).hexdigest()
         return hmac.compare_digest(signature.strip().lower().encode(), expected.encode())
 
-    def verify(
-        self,
-        source: Literal["alertmanager", "grafana"],
-        headers: Mapping[str, str],
-        body: bytes,
-        now: float | None = None,
-    ) -> None:
-        """Raise :class:`UnauthorizedError` unless the request carries every configured credential.
 
-        ``headers`` must have lower-case names. Header credentials (bearer or basic) are required when
-        configured; Grafana's signature is required too when its secret is configured.
+@dataclass(frozen=True)
+class Verifier:
+    """The credentials one webhook source must present: every configured check of it."""
+
+    checks: tuple[CredentialCheck, ...]
+    allow_unauthenticated: bool = False
+
+    @property
+    def configured(self) -> bool:
+        return any(check.configured for check in self.checks)
+
+    def verify(self, headers: Mapping[str, str], body: bytes, now: float | None = None) -> None:
+        """Raise :class:`UnauthorizedError` unless the request passes every configured check.
+
+        ``headers`` must answer lower-case names. With no check configured, only development mode
+        (``allow_unauthenticated``) lets a request through.
         """
         now = time.time() if now is None else now
-        checked = False
-        if self.header_methods:
-            if not self._header_ok(headers.get("authorization", "")):
-                raise UnauthorizedError("missing or wrong webhook credentials")
-            checked = True
-        if source == "grafana" and self.hmac_secret:
-            if not self._signature_ok(headers, body, now):
-                raise UnauthorizedError("missing, wrong or expired webhook signature")
-            checked = True
-        if not checked and not self.allow_unauthenticated:
+        configured = [check for check in self.checks if check.configured]
+        for check in configured:
+            if not check.passes(headers, body, now):
+                raise UnauthorizedError(check.failure)
+        if not configured and not self.allow_unauthenticated:
             raise UnauthorizedError("no credentials are configured for this webhook")
+
+
+def require_configured(verifiers: Iterable[Verifier]) -> None:
+    """Refuse to run when no source can authenticate anyone, unless development mode allows it."""
+    if not any(v.configured or v.allow_unauthenticated for v in verifiers):
+        raise WebhookConfigurationError(
+            "webhook authentication is unset: set SENTIMENT_WEBHOOK_TOKEN(_FILE), basic auth or the Grafana "
+            "HMAC secret, or SENTIMENT_ALLOW_UNAUTHENTICATED_WEBHOOKS=true for development"
+        )

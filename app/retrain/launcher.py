@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,30 @@ LOCK_FD_ENV = "SENTIMENT_RETRAIN_LOCK_FD"
 DIED_UNREPORTED = "the retrain process ended without reporting (killed?)"
 # One BLAS/OpenMP thread: a retrain must leave the second core to the web workers, not spin on it.
 SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SETTINGS_PREFIX = "SENTIMENT_"
+# The settings a retrain reads (the model store and its signing key, the corpora, the prediction database,
+# its own limits, logging): an allow-list, so no credential of the HTTP side (webhook, admin, Grafana
+# tokens and secrets) ever reaches the retrain process or its environment.
+JOB_SETTINGS = (
+    "SENTIMENT_MODEL_STORE",
+    "SENTIMENT_MODEL_SIGNING_KEY",
+    "SENTIMENT_DATA_DIR",
+    "SENTIMENT_STATE_DIR",
+    "SENTIMENT_DATABASE_",
+    "SENTIMENT_PREDICTION_LOG_",
+    "SENTIMENT_DRIFT_",
+    "SENTIMENT_RETRAIN_",
+    "SENTIMENT_LOG_LEVEL",
+    "SENTIMENT_GRACEFUL_TIMEOUT_SECONDS",
+)
+
+
+def job_environment(settings_env: Mapping[str, str], inherited: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a retrain process: ``inherited`` (PATH, PROMETHEUS_MULTIPROC_DIR, ...) without any
+    ``SENTIMENT_*`` variable, plus the allow-listed settings of ``settings_env`` (``Settings.as_env()``)."""
+    env = {name: value for name, value in inherited.items() if not name.startswith(SETTINGS_PREFIX)}
+    env.update({name: value for name, value in settings_env.items() if name.startswith(JOB_SETTINGS)})
+    return env
 
 
 @dataclass(frozen=True)
@@ -93,12 +117,18 @@ def idle_priority() -> list[str]:
 
 class RetrainLauncher:
     def __init__(
-        self, store_root: Path, jobs: PredictionLog, cooldown_seconds: float, job_env: dict[str, str] | None = None
+        self,
+        store_root: Path,
+        predictions: PredictionLog,
+        cooldown_seconds: float,
+        job_env: dict[str, str] | None = None,
     ) -> None:
         self.store_root = store_root
-        self.jobs = jobs
+        self.predictions = predictions  # the prediction database also holds the retrain jobs
         self.cooldown_seconds = cooldown_seconds
-        self.job_env = job_env or {}  # the service's settings, so the job reads the same store and log
+        # The service's settings (``Settings.as_env()``), so the job reads the same model store and prediction
+        # database; only the allow-listed ones reach it (``job_environment``).
+        self.job_env = job_env or {}
 
     def _last_started(self) -> float:
         try:
@@ -109,7 +139,7 @@ class RetrainLauncher:
     def reconcile(self) -> None:
         """Jobs recorded as running while nobody holds the lock died without saying so."""
         if not retrain_running(self.store_root):
-            failed = self.jobs.fail_running_jobs(DIED_UNREPORTED)
+            failed = self.predictions.fail_running_jobs(DIED_UNREPORTED)
             if failed:
                 log.error("retrain_failed", reason="process died", jobs=failed)
 
@@ -117,17 +147,17 @@ class RetrainLauncher:
         """Start a retrain unless one is running or the cooldown has not passed; it claims ``alerts``."""
         fd = try_lock(self.store_root)
         if fd is None:
-            running = [j["id"] for j in self.jobs.jobs(limit=5) if j["status"] == "running"]
+            running = [j["id"] for j in self.predictions.jobs(limit=5) if j["status"] == "running"]
             return Launch("already_running", running[0] if running else None)
         try:
             # Holding the lock: no retrain runs, so any job still marked running has died.
-            self.jobs.fail_running_jobs(DIED_UNREPORTED)
+            self.predictions.fail_running_jobs(DIED_UNREPORTED)
             now = time.time()
             wait = self._last_started() + self.cooldown_seconds - now
             if wait > 0:
                 return Launch("cooldown", retry_after_seconds=round(wait, 1))
             job_id = uuid.uuid4().hex
-            self.jobs.create_job(job_id, trigger, reason, now, alerts)
+            self.predictions.create_job(job_id, trigger, reason, now, alerts)
             state = self.store_root / STATE_FILE
             tmp = state.with_suffix(".tmp")
             tmp.write_text(json.dumps({"last_started_at": now, "job_id": job_id}))
@@ -135,7 +165,7 @@ class RetrainLauncher:
             process = subprocess.Popen(
                 [*idle_priority(), sys.executable, "-m", "app.retrain.job", job_id, "--trigger", trigger],
                 cwd=REPO_ROOT,
-                env={**os.environ, **self.job_env, **SINGLE_THREADED, LOCK_FD_ENV: str(fd)},
+                env={**job_environment(self.job_env, os.environ), **SINGLE_THREADED, LOCK_FD_ENV: str(fd)},
                 pass_fds=(fd,),
                 start_new_session=True,  # a worker's SIGTERM or restart does not take the retrain down
             )
@@ -150,7 +180,7 @@ class RetrainLauncher:
         code = process.wait()
         if code != 0:
             with contextlib.suppress(Exception):
-                jobs = self.jobs.jobs(job_id=job_id)
+                jobs = self.predictions.jobs(job_id=job_id)
                 if jobs and jobs[0]["status"] == "running":
-                    self.jobs.finish_job(job_id, "failed", "failed", {"error": f"retrain process exited {code}"})
+                    self.predictions.finish_job(job_id, "failed", "failed", {"error": f"retrain process exited {code}"})
                     log.error("retrain_failed", job_id=job_id, exit_code=code)

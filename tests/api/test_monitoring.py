@@ -9,7 +9,14 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from app.main import create_app
+from app.services import Services
 from app.settings import Settings
+
+
+def services(client: TestClient) -> Services:
+    """The running app's services container."""
+    container: Services = client.app.state.services  # type: ignore[attr-defined]
+    return container
 
 
 def predict(client: TestClient, text: str) -> dict[str, object]:
@@ -80,17 +87,17 @@ def test_predictions_reach_the_log_and_count_in_the_metrics(client: TestClient, 
         "sentiment_model_info",
     ):
         assert name in page.text
-    store = client.app.state.prediction_log  # type: ignore[attr-defined]
+    predictions = services(client).predictions
     deadline = time.monotonic() + 2
-    while store.count_predictions() < 3 and time.monotonic() < deadline:
+    while predictions.count_predictions() < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert store.count_predictions() >= 3
+    assert predictions.count_predictions() >= 3
 
 
 def test_drift_endpoint_reports_current_status_and_history(client: TestClient) -> None:
-    store = client.app.state.prediction_log  # type: ignore[attr-defined]
+    predictions = services(client).predictions
     for i, status in enumerate(["insufficient_data", "no_drift", "drift"]):
-        store.insert_drift_check(
+        predictions.insert_drift_check(
             {
                 "checked_at": 1_800_000_000.0 + i,
                 "model_version": "v",
@@ -117,4 +124,4 @@ def test_monitoring_off_serves_without_logging(settings: Settings) -> None:
     with TestClient(create_app(quiet)) as client:
         assert client.post("/v1/predict", json={"text": "fine"}).status_code == 200
         time.sleep(0.2)
-        assert client.app.state.prediction_log.count_predictions() == 0  # type: ignore[attr-defined]
+        assert services(client).predictions.count_predictions() == 0

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.responses import PlainTextResponse
+from starlette.types import Message, Receive, Scope, Send
 
+from app.api.middleware import BodyReadTimeoutMiddleware
 from app.main import create_app
 from app.settings import Settings
 
@@ -74,6 +79,22 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("batch item blank", "/v1/predict/batch", {"json": {"texts": ["fine", "  "]}}, 422, "validation_error"),
     ("batch not a list", "/v1/predict/batch", {"json": {"texts": "abc"}}, 422, "validation_error"),
     ("body over 1 MiB", "/v1/predict", {"json": {"text": "a" * 1_100_000}}, 413, "payload_too_large"),
+    ("nul in text", "/v1/predict", {"json": {"text": "fine\x00film"}}, 422, "validation_error"),
+    ("nul in batch", "/v1/predict/batch", {"json": {"texts": ["fine", "\x00"]}}, 422, "validation_error"),
+    (
+        "nested json",
+        "/v1/predict",
+        {"content": b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}", "headers": JSON},
+        422,
+        "malformed_json",
+    ),
+    (
+        "nested batch",
+        "/v1/predict/batch",
+        {"content": b"[" * 100_000 + b"]" * 100_000, "headers": JSON},
+        422,
+        "malformed_json",
+    ),
 ]
 
 
@@ -95,6 +116,44 @@ def test_validation_errors_say_where_without_echoing_the_input(client: TestClien
     error = client.post("/v1/predict", json={"text": secret}).json()["error"]
     assert error["details"][0]["loc"] == ["body", "text"]
     assert "do-not-echo" not in str(error)
+
+
+def test_nul_in_a_text_is_refused_saying_why_without_echoing_it(client: TestClient) -> None:
+    """PostgreSQL text cannot hold U+0000: a text with one is a validation error naming NUL, not echoing the text."""
+    error = client.post("/v1/predict", json={"text": "my private review\x00"}).json()["error"]
+    assert error["code"] == "validation_error" and error["details"][0]["loc"] == ["body", "text"]
+    assert "NUL" in error["details"][0]["msg"] and "my private review" not in str(error)
+
+
+def test_a_body_that_trickles_past_the_read_timeout_is_408() -> None:
+    """A body still arriving ``timeout_seconds`` after the request started gets 408 request_timeout (and
+    ``Connection: close``); TestClient sends a body at once, so this drives the middleware over ASGI. Over
+    real HTTP: tests/integration/test_gunicorn.py."""
+    chunks = [b'{"text": "', b"slow", b'"}']
+    sent: list[Message] = []
+
+    async def trickle() -> Message:
+        await asyncio.sleep(0.2)
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def reads_everything(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await PlainTextResponse("read")(scope, receive, send)
+
+    app = BodyReadTimeoutMiddleware(reads_everything, timeout_seconds=0.3)
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict", "headers": []}
+    asyncio.run(app(scope, trickle, send))
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
+
+    sent.clear()
+    chunks[:] = [b"{}"]
+    asyncio.run(app(scope, trickle, send))
+    assert sent[0]["status"] == 200  # a body that arrives in time is read as usual
 
 
 def test_bad_input_leaves_the_worker_serving(client: TestClient) -> None:

@@ -8,13 +8,14 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.retrain.alerts import WebhookConfigurationError
+from app.retrain.alerts import Notification, WebhookConfigurationError
+from app.retrain.webhooks import SOURCES, WebhookSource, header_credentials
 from app.settings import Settings
 from tests.conftest import ADMIN_TOKEN, WEBHOOK_TOKEN
 
@@ -97,19 +98,45 @@ def test_webhooks_without_the_right_credentials_are_401_and_do_nothing(
     assert hooks.get("/v1/retrain/jobs", headers=ADMIN).json() == []
 
 
-def test_grafana_webhook_with_bearer_and_hmac_signature(settings: Settings) -> None:
+def test_grafana_webhook_with_bearer_and_hmac_signature_over_a_fresh_timestamp(settings: Settings) -> None:
+    """With an HMAC secret the signature covers ``<timestamp>:<body>`` by default: a body-only signature (a
+    captured request without its time) and a stale timestamp are refused; a fresh signed one starts a retrain."""
     signed = settings.model_copy(update={"grafana_hmac_secret": "hmac-key", "retrain_cooldown_seconds": 3600})
     body = (PAYLOADS / "grafana-firing.json").read_bytes()
-    signature = hmac.new(b"hmac-key", body, hashlib.sha256).hexdigest()
     headers = {**HOOK, "Content-Type": "application/json"}
+
+    def sign(stamp: int | None) -> dict[str, str]:
+        message = body if stamp is None else f"{stamp}:".encode() + body
+        signature = {"X-Grafana-Alerting-Signature": hmac.new(b"hmac-key", message, hashlib.sha256).hexdigest()}
+        return {**headers, **signature, **({} if stamp is None else {"X-Grafana-Alerting-Timestamp": str(stamp)})}
+
     with TestClient(create_app(signed)) as client:
-        unsigned = client.post("/v1/webhooks/grafana", content=body, headers=headers)
-        assert unsigned.status_code == 401
-        ok = client.post(
-            "/v1/webhooks/grafana", content=body, headers={**headers, "X-Grafana-Alerting-Signature": signature}
-        )
+        for refused in (headers, sign(None), sign(int(time.time()) - 301)):
+            response = client.post("/v1/webhooks/grafana", content=body, headers=refused)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+        ok = client.post("/v1/webhooks/grafana", content=body, headers=sign(int(time.time())))
         assert ok.status_code == 202 and ok.json()["status"] == "retrain_started"
         wait_job(client, ok.json()["job_id"])
+
+
+@pytest.mark.parametrize(
+    "stamp", [b"abc", b"NaN", b"inf", b"-1", b"1e9", b"\xb2", b"\xb9\xb2\xb3", "١٢٣".encode(), b"9" * 5000]
+)
+def test_grafana_timestamp_that_is_not_unix_seconds_is_401(settings: Settings, stamp: bytes) -> None:
+    """A timestamp header that is not plain ASCII digits (NaN, inf, latin-1 superscripts, Arabic-Indic digits,
+    5,000 digits) is a failed credential, signed correctly or not: 401, never a 500."""
+    signed = settings.model_copy(update={"grafana_hmac_secret": "hmac-key"})
+    body = b"{}"
+    signature = hmac.new(b"hmac-key", stamp + b":" + body, hashlib.sha256).hexdigest()
+    headers = {
+        **HOOK,
+        "Content-Type": "application/json",
+        "X-Grafana-Alerting-Signature": signature,
+        "X-Grafana-Alerting-Timestamp": stamp,
+    }
+    with TestClient(create_app(signed), raise_server_exceptions=False) as client:
+        response = client.post("/v1/webhooks/grafana", content=body, headers=headers)
+    assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
 
 
 def test_malformed_notifications_are_422(hooks: TestClient) -> None:
@@ -142,3 +169,40 @@ def test_service_refuses_to_start_without_webhook_credentials(settings: Settings
     with pytest.raises(WebhookConfigurationError):
         create_app(settings.model_copy(update={"webhook_token": None}))
     create_app(settings.model_copy(update={"webhook_token": None, "allow_unauthenticated_webhooks": True}))
+
+
+def test_every_registered_source_has_its_route_documented_with_its_payload(hooks: TestClient) -> None:
+    paths = hooks.get("/openapi.json").json()["paths"]
+    for source in SOURCES:
+        operation = paths[f"/v1/webhooks/{source.name}"]["post"]
+        schema = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["title"] == source.payload.__name__ and operation["summary"] == source.summary
+        assert schema["properties"]["alerts"]["items"]["properties"]["status"]["enum"] == ["firing", "resolved"]
+        assert {"202", "401", "422"} <= operation["responses"].keys()
+
+
+class ProbeNotification(Notification):
+    """A test-only sender's body."""
+
+    version: Literal["probe-1"]
+
+
+PROBE = WebhookSource(
+    name="probe",
+    summary="Test-only source",
+    payload=ProbeNotification,
+    checks=lambda settings: (header_credentials(settings),),
+)
+
+
+def test_a_source_registered_in_a_fresh_app_reaches_the_launcher(hooks: TestClient, settings: Settings) -> None:
+    body = payload("alertmanager-firing.json") | {"version": "probe-1"}
+    assert hooks.post("/v1/webhooks/probe", json=body, headers=HOOK).status_code == 404  # not registered there
+    with TestClient(create_app(settings, sources=(*SOURCES, PROBE))) as client:
+        assert client.post("/v1/webhooks/probe", json=body).status_code == 401
+        wrong = client.post("/v1/webhooks/probe", json=payload("alertmanager-firing.json"), headers=HOOK)
+        assert wrong.status_code == 422 and "not a probe webhook notification" in wrong.text
+        started = client.post("/v1/webhooks/probe", json=body, headers=HOOK)
+        assert started.status_code == 202 and started.json()["status"] == "retrain_started"
+        assert wait_job(client, started.json()["job_id"])["trigger"] == "probe"
+        assert "/v1/webhooks/probe" in client.get("/openapi.json").json()["paths"]

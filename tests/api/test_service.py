@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
+from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from structlog.testing import capture_logs
 
+from app.api.deps import (
+    DriftStatusDep,
+    FeedbackDep,
+    LauncherDep,
+    ModelsDep,
+    PredictionsDep,
+    PredictorDep,
+    RegistryDep,
+    ServicesDep,
+    SettingsDep,
+    WebhooksDep,
+)
 from app.main import create_app
 from app.ml.registry import ModelRegistry
+from app.monitoring.status import DriftStatus
+from app.services import Services
 from app.settings import Settings
 
 
@@ -85,12 +103,67 @@ def test_unknown_routes_and_methods_get_json_errors(client: TestClient) -> None:
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
 
 
+@pytest.mark.parametrize("method", ["PROPFIND", "MKCOL", "PUT", "PATCH", "DELETE"])
+def test_a_method_the_route_does_not_have_is_405_even_with_a_body_that_is_not_utf8(
+    client: TestClient, method: str
+) -> None:
+    """Any other method on /v1/predict, body or not, is 405 method_not_allowed with ``Allow``, never a 422."""
+    for content in (None, b"\xff\xfe not json"):
+        response = client.request(method, "/v1/predict", content=content, headers={"Content-Type": "application/json"})
+        assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+        assert response.headers["allow"] == "POST"
+
+
+def test_request_metrics_label_only_known_methods(client: TestClient) -> None:
+    """The ``method`` label takes the standard methods; a WebDAV verb is counted as ``other``."""
+    client.request("PROPFIND", "/v1/predict")
+    client.request("MKCOL", "/healthz")
+    exposition = client.get("/metrics").text
+    assert 'method="other"' in exposition
+    assert "PROPFIND" not in exposition and "MKCOL" not in exposition
+
+
 def test_one_version_by_name_and_unknown_or_unsafe_names_are_404(client: TestClient, versions: list[str]) -> None:
     assert client.get(f"/v1/models/{versions[1]}").json()["version"] == versions[1]
     for name in ("v-nope", "..%2F..%2Fetc", ".staging-x"):
         response = client.get(f"/v1/models/{name}")
         assert response.status_code == 404, name
         assert response.json()["error"]["code"] in {"version_not_found", "not_found"}
+
+
+@pytest.mark.parametrize("name", ["a%00b", "v" * 300, "v%C3%A9" * 60, "a%5Cb", "%01", "a%0Ab"])
+def test_a_version_name_the_store_cannot_hold_is_404_without_echo(
+    client: TestClient, settings: Settings, name: str
+) -> None:
+    """NUL, control bytes, backslashes or a 300-character name: 404 version_not_found, never a 500, and
+    neither the name nor the store's path comes back."""
+    response = client.get(f"/v1/models/{name}")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "version_not_found"
+    assert str(settings.model_store) not in response.text and "vvvvvvvv" not in response.text
+
+
+def test_an_unreadable_secret_file_stops_the_start_naming_the_setting(settings: Settings, tmp_path: Path) -> None:
+    """A ``*_FILE`` secret that cannot be read fails ``create_app`` (gunicorn does not boot) with the setting's
+    name, instead of a 500 on every call that needs it."""
+    missing = settings.model_copy(update={"admin_token": None, "admin_token_file": tmp_path / "absent"})
+    with capture_logs() as logs, pytest.raises(ValueError, match="SENTIMENT_ADMIN_TOKEN_FILE"):
+        create_app(missing)
+    assert [e["setting"] for e in logs if e["event"] == "secret_unreadable"] == ["SENTIMENT_ADMIN_TOKEN_FILE"]
+
+
+def test_secrets_from_the_environment_are_stripped_like_secrets_from_files(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``SENTIMENT_ADMIN_TOKEN="tok\\n"`` (a shell heredoc, a copied line) works as ``tok``, as a file would."""
+    monkeypatch.setenv("SENTIMENT_ADMIN_TOKEN", "  env-admin-token\n")
+    (tmp_path / "webhook_token").write_text("file-token\n")
+    monkeypatch.setenv("SENTIMENT_WEBHOOK_TOKEN_FILE", str(tmp_path / "webhook_token"))
+    from_env = Settings(model_store=settings.model_store, state_dir=settings.state_dir)
+    assert from_env.secret("admin_token") == "env-admin-token"
+    assert from_env.secret("webhook_token") == "file-token"
+    with TestClient(create_app(from_env)) as client:
+        jobs = client.get("/v1/retrain/jobs", headers={"Authorization": "Bearer env-admin-token"})
+    assert jobs.status_code == 200
 
 
 def test_a_bug_becomes_a_json_500_without_traceback(settings: Settings) -> None:
@@ -114,3 +187,54 @@ def test_openapi_documents_examples_and_error_shapes(client: TestClient) -> None
     assert {"200", "413", "415", "422", "503"} <= predict["responses"].keys()
     assert spec["components"]["schemas"]["PredictRequest"]["examples"]
     assert client.get("/docs").status_code == 200
+
+
+def _add_probe(app: FastAPI) -> None:
+    @app.get("/probe")
+    async def probe(  # one parameter per dependency alias
+        *,
+        request: Request,
+        services: ServicesDep,
+        settings: SettingsDep,
+        registry: RegistryDep,
+        models: ModelsDep,
+        predictor: PredictorDep,
+        predictions: PredictionsDep,
+        drift_status: DriftStatusDep,
+        feedback: FeedbackDep,
+        webhooks: WebhooksDep,
+        launcher: LauncherDep,
+    ) -> dict[str, bool]:
+        container = request.app.state.services
+        got = {
+            "settings": settings,
+            "registry": registry,
+            "models": models,
+            "predictor": predictor,
+            "predictions": predictions,
+            "drift_status": drift_status,
+            "feedback": feedback,
+            "webhooks": webhooks,
+            "launcher": launcher,
+        }
+        return {"services": services is container} | {k: v is getattr(container, k) for k, v in got.items()}
+
+
+def test_every_dependency_resolves_from_the_one_services_container(settings: Settings) -> None:
+    app = create_app(settings)
+    _add_probe(app)
+    with TestClient(app) as client:
+        services = client.app.state.services  # type: ignore[attr-defined]
+        assert isinstance(services, Services) and services.settings is settings
+        assert client.get("/probe").json() == dict.fromkeys(
+            [
+                "services",
+                *(f.name for f in dataclasses.fields(Services) if f.name not in {"recorder", "batcher", "admin_token"}),
+            ],
+            True,
+        )
+        # Routes read the container at request time: swap one collaborator and the next request uses it.
+        swapped = DriftStatus(services.predictions, refresh=3600)
+        swapped.summary = {**swapped.summary, "status": "drift", "drift": True}
+        client.app.state.services = dataclasses.replace(services, drift_status=swapped)  # type: ignore[attr-defined]
+        assert client.post("/v1/predict", json={"text": "fine"}).json()["drift"]["status"] == "drift"

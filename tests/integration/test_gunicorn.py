@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 import pytest
 
 from app.ml.registry import ModelRegistry
-from tests.integration.services import REPO, Service
+from tests.integration.services import REPO, Service, start_service
 
 pytestmark = pytest.mark.integration
 
@@ -154,3 +155,100 @@ def test_a_tampered_promotion_is_refused_and_workers_keep_serving(
     assert {r.status_code for r in responses} == {200}
     assert {r.json()["model_version"] for r in responses} == {versions[0]}
     assert any(e.get("event") == "model_load_failed" for e in service.logs())
+
+
+def _connect(url: str) -> socket.socket:
+    host = urlparse(url)
+    return socket.create_connection((host.hostname, host.port), timeout=10)
+
+
+@pytest.mark.parametrize("method", ["PROPFIND", "MKCOL", "PUT", "DELETE"])
+def test_a_method_the_api_does_not_have_is_json_405_through_the_real_server(service: Service, method: str) -> None:
+    """uvicorn's parser passes WebDAV verbs to the app, and the middleware stack lets the router answer them."""
+    response = httpx.request(method, f"{service.url}/v1/predict", content=b"\xff", timeout=10)
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "POST" and "x-request-id" in response.headers
+
+
+def test_a_trickled_body_gets_408_within_the_timeout_while_other_requests_are_served(
+    store: ModelRegistry, tmp_path: Path
+) -> None:
+    """Headers, then the body at 1 byte/s: 408 request_timeout once the read timeout passed, the connection
+    closed; predictions meanwhile answer 200."""
+    service = start_service(store, tmp_path / "gunicorn.log", SENTIMENT_BODY_READ_TIMEOUT_SECONDS="2")
+    try:
+        body = json.dumps({"text": "a slow but fine review"}).encode()
+        with _connect(service.url) as sock:
+            sock.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body)
+            )
+            started = time.monotonic()
+            sock.settimeout(1)
+            response = b""
+            for byte in body:
+                try:
+                    sock.sendall(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                assert httpx.post(f"{service.url}/v1/predict", json={"text": "meanwhile"}).status_code == 200
+                try:
+                    response += sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if b"}}" in response:
+                    break
+            elapsed = time.monotonic() - started
+        assert response.startswith(b"HTTP/1.1 408"), response[:200]
+        assert b'"request_timeout"' in response and b"connection: close" in response.lower()
+        assert 2 <= elapsed < 5
+    finally:
+        service.stop()
+
+
+def test_thousands_of_idle_connections_do_not_stop_predictions_and_are_closed(service: Service) -> None:
+    """2,000 connections that never send a byte: a prediction still answers at once, and each idle connection
+    is closed after the keep-alive timeout (5 s) instead of holding a worker's descriptors for ever."""
+    idle = [_connect(service.url) for _ in range(2000)]
+    try:
+        started = time.monotonic()
+        response = httpx.post(f"{service.url}/v1/predict", json={"text": "still answering"}, timeout=10)
+        assert response.status_code == 200 and time.monotonic() - started < 2
+        time.sleep(6)
+        closed = 0
+        for sock in idle[:50]:
+            sock.settimeout(5)
+            try:
+                closed += sock.recv(1) == b""
+            except (ConnectionResetError, TimeoutError):
+                closed += 1
+        assert closed == 50
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_past_the_connection_limit_a_worker_answers_json_503(store: ModelRegistry, tmp_path: Path) -> None:
+    """With ``SENTIMENT_WORKER_CONNECTIONS=20`` and 20 connections open, a request gets 503 server_busy at once
+    (uvicorn's limit, in the API's error shape); once they close, it is served again."""
+    service = start_service(store, tmp_path / "gunicorn.log", workers=1, SENTIMENT_WORKER_CONNECTIONS="20")
+    try:
+        held = [_connect(service.url) for _ in range(20)]
+        time.sleep(0.5)
+        busy = httpx.post(f"{service.url}/v1/predict", json={"text": "one too many"}, timeout=10)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "server_busy"
+        for sock in held:
+            sock.close()
+        time.sleep(0.5)
+        assert httpx.post(f"{service.url}/v1/predict", json={"text": "served"}, timeout=10).status_code == 200
+    finally:
+        service.stop()
+
+
+def test_an_unreadable_secret_file_stops_gunicorn_with_the_setting_named(store: ModelRegistry, tmp_path: Path) -> None:
+    """A missing ``SENTIMENT_ADMIN_TOKEN_FILE``: gunicorn refuses to boot and its log names the setting."""
+    with pytest.raises(RuntimeError, match="gunicorn exited") as failure:
+        start_service(store, tmp_path / "gunicorn.log", SENTIMENT_ADMIN_TOKEN_FILE=str(tmp_path / "absent"))
+    assert "SENTIMENT_ADMIN_TOKEN_FILE" in str(failure.value)
+    events = [json.loads(line) for line in (tmp_path / "gunicorn.log").read_text().splitlines() if line.startswith("{")]
+    assert any(e.get("event") == "secret_unreadable" for e in events)

@@ -8,15 +8,22 @@ import hmac
 from pathlib import Path
 
 import pytest
+import yaml
 
 from app.retrain.alerts import (
     AlertmanagerNotification,
     GrafanaNotification,
+    HeaderCredentials,
+    HmacSignature,
     UnauthorizedError,
-    WebhookAuth,
+    Verifier,
     WebhookConfigurationError,
+    require_configured,
 )
+from app.retrain.webhooks import grafana_signature
+from app.settings import REPO_ROOT, Settings
 
+CONTACT_POINTS = REPO_ROOT / "dashboards" / "provisioning" / "alerting" / "contact-points.yml"
 PAYLOADS = Path(__file__).resolve().parents[1] / "fixtures" / "payloads"  # copied from shared/payloads
 
 
@@ -70,48 +77,72 @@ BODY = b'{"version": "1"}'
     ],
 )
 def test_bearer_and_basic_auth(headers: dict[str, str], ok: bool) -> None:
-    auth = WebhookAuth(bearer_token="s3cret", basic_username="am", basic_password="pw")
+    auth = Verifier((HeaderCredentials(bearer_token="s3cret", basic_username="am", basic_password="pw"),))
     if ok:
-        auth.verify("alertmanager", headers, BODY)
+        auth.verify(headers, BODY)
     else:
         with pytest.raises(UnauthorizedError):
-            auth.verify("alertmanager", headers, BODY)
+            auth.verify(headers, BODY)
 
 
 def test_grafana_signature_over_the_body() -> None:
-    auth = WebhookAuth(hmac_secret="k")
-    auth.verify("grafana", {"x-grafana-alerting-signature": sign("k", BODY)}, BODY)
+    grafana = Verifier((HeaderCredentials(), HmacSignature(secret="k")))
+    grafana.verify({"x-grafana-alerting-signature": sign("k", BODY)}, BODY)
     with pytest.raises(UnauthorizedError):
-        auth.verify("grafana", {"x-grafana-alerting-signature": sign("k", BODY + b" ")}, BODY)
+        grafana.verify({"x-grafana-alerting-signature": sign("k", BODY + b" ")}, BODY)
     with pytest.raises(UnauthorizedError):
-        auth.verify("grafana", {}, BODY)
+        grafana.verify({}, BODY)
+    alertmanager = Verifier((HeaderCredentials(),))  # Alertmanager cannot sign: it needs header credentials
     with pytest.raises(UnauthorizedError, match="no credentials"):
-        auth.verify("alertmanager", {}, BODY)  # Alertmanager cannot sign: it needs header credentials
+        alertmanager.verify({}, BODY)
 
 
 def test_grafana_signature_with_timestamp_and_replay_window() -> None:
-    auth = WebhookAuth(hmac_secret="k", timestamp_header="X-Grafana-Alerting-Timestamp", replay_window_seconds=300)
+    signature = HmacSignature(secret="k", timestamp_header="X-Grafana-Alerting-Timestamp", replay_window_seconds=300)
+    auth = Verifier((HeaderCredentials(), signature))
     fresh = {"x-grafana-alerting-timestamp": "1000", "x-grafana-alerting-signature": sign("k", b"1000:" + BODY)}
-    auth.verify("grafana", fresh, BODY, now=1100)
+    auth.verify(fresh, BODY, now=1100)
     with pytest.raises(UnauthorizedError, match="expired"):
-        auth.verify("grafana", fresh, BODY, now=1400)  # replayed six minutes later
+        auth.verify(fresh, BODY, now=1400)  # replayed six minutes later
     body_only = {**fresh, "x-grafana-alerting-signature": sign("k", BODY)}
     with pytest.raises(UnauthorizedError):
-        auth.verify("grafana", body_only, BODY, now=1100)
+        auth.verify(body_only, BODY, now=1100)
+
+
+@pytest.mark.parametrize("stamp", ["", "NaN", "inf", "-1", "1e3", " 1000", "²", "¹²³", "١٠٠٠", "１０００", "9" * 5000])
+def test_a_timestamp_that_is_not_ascii_unix_seconds_fails_the_check_without_raising(stamp: str) -> None:
+    """Whatever the timestamp header holds (signed correctly or not), the check answers False, never raises."""
+    signature = HmacSignature(secret="k", timestamp_header="X-Grafana-Alerting-Timestamp")
+    headers = {
+        "x-grafana-alerting-timestamp": stamp,
+        "x-grafana-alerting-signature": sign("k", f"{stamp}:".encode() + BODY),
+    }
+    assert signature.passes(headers, BODY, now=1000.0) is False
+
+
+def test_with_an_hmac_secret_the_timestamp_header_is_on_by_default_as_grafana_is_provisioned() -> None:
+    """Settings and the provisioned contact point agree on the timestamp header, so signatures cannot be replayed."""
+    settings = Settings(grafana_hmac_secret="k", webhook_token="t")
+    assert grafana_signature(settings).timestamp_header == "X-Grafana-Alerting-Timestamp"
+    provisioned = yaml.safe_load(CONTACT_POINTS.read_text())["contactPoints"][0]["receivers"][0]["settings"]
+    assert provisioned["hmacConfig"]["timestampHeader"] == settings.grafana_timestamp_header
 
 
 def test_header_credentials_and_signature_are_both_required_when_both_are_set() -> None:
-    auth = WebhookAuth(bearer_token="t", hmac_secret="k")
+    auth = Verifier((HeaderCredentials(bearer_token="t"), HmacSignature(secret="k")))
     good = {"authorization": "Bearer t", "x-grafana-alerting-signature": sign("k", BODY)}
-    auth.verify("grafana", good, BODY)
+    auth.verify(good, BODY)
     with pytest.raises(UnauthorizedError):
-        auth.verify("grafana", {"authorization": "Bearer t"}, BODY)
+        auth.verify({"authorization": "Bearer t"}, BODY)
     with pytest.raises(UnauthorizedError):
-        auth.verify("grafana", {"x-grafana-alerting-signature": sign("k", BODY)}, BODY)
+        auth.verify({"x-grafana-alerting-signature": sign("k", BODY)}, BODY)
 
 
 def test_no_credentials_configured_refuses_to_start_unless_development() -> None:
+    unset = (HeaderCredentials(), HmacSignature())
     with pytest.raises(WebhookConfigurationError):
-        WebhookAuth().check_configured()
-    WebhookAuth(allow_unauthenticated=True).check_configured()
-    WebhookAuth(allow_unauthenticated=True).verify("alertmanager", {}, BODY)
+        require_configured([Verifier(unset[:1]), Verifier(unset)])
+    development = [Verifier(unset[:1], allow_unauthenticated=True), Verifier(unset, allow_unauthenticated=True)]
+    require_configured(development)
+    development[0].verify({}, BODY)
+    require_configured([Verifier(unset[:1]), Verifier((HeaderCredentials(), HmacSignature(secret="k")))])

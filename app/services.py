@@ -1,0 +1,106 @@
+"""The service's collaborators in one typed container, built and torn down by ``build_services``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.ml.registry import ModelRegistry
+from app.monitoring.feedback import FeedbackService
+from app.monitoring.prediction_log import PredictionLog, PredictionRecorder
+from app.monitoring.status import DriftStatus
+from app.retrain.launcher import RetrainLauncher
+from app.retrain.webhooks import SOURCES, WebhookService, WebhookSource, verifiers
+from app.serving.batcher import InferenceBatcher
+from app.serving.models import ModelManager
+from app.serving.predictor import Predictor
+from app.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything a request may need, built once per worker process."""
+
+    settings: Settings
+    registry: ModelRegistry  # the model store
+    models: ModelManager  # the model this worker serves, kept in sync with the store
+    predictions: PredictionLog  # the prediction database (predictions, labels, drift checks, retrain jobs)
+    recorder: PredictionRecorder
+    batcher: InferenceBatcher
+    predictor: Predictor
+    drift_status: DriftStatus
+    feedback: FeedbackService
+    launcher: RetrainLauncher
+    webhooks: WebhookService
+    admin_token: str | None  # read once at start; unset: the admin endpoints answer 401
+
+
+async def _load_models(settings: Settings) -> tuple[ModelRegistry, ModelManager]:
+    registry = ModelRegistry.from_settings(settings)
+    manager = ModelManager(registry, settings.reload_interval_seconds, load_lock=settings.state_dir / "model-load.lock")
+    await asyncio.to_thread(manager.sync)
+    if not manager.ready:
+        log.error("model_not_ready", model_store=str(settings.model_store), hint="train one: python -m app.cli train")
+    return registry, manager
+
+
+async def _open_prediction_db(settings: Settings) -> PredictionLog:
+    predictions = PredictionLog.from_settings(settings)
+    try:
+        await predictions.call(predictions.create_tables)
+    except SQLAlchemyError as exc:  # predictions are served anyway; the recorder keeps retrying
+        log.error("prediction_log_unavailable", reason=type(exc).__name__)
+    return predictions
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@contextlib.asynccontextmanager
+async def build_services(settings: Settings, sources: Sequence[WebhookSource] = SOURCES) -> AsyncIterator[Services]:
+    """Open the model store and the prediction database, load the current model, start the background
+    tasks (model watcher, drift status, batcher, prediction recorder), and stop them in reverse order on
+    exit: graceful shutdown writes buffered predictions before the database is closed."""
+    async with contextlib.AsyncExitStack() as stack:
+        registry, models = await _load_models(settings)
+        predictions = await _open_prediction_db(settings)
+        stack.callback(predictions.dispose)
+        recorder = PredictionRecorder.from_settings(predictions, settings)
+        recorder.start()
+        stack.push_async_callback(recorder.close)
+        batcher = InferenceBatcher(settings.inference_max_batch, measure=settings.monitoring_enabled)
+        batcher.start()
+        stack.push_async_callback(batcher.stop)
+        drift_status = DriftStatus(predictions, settings.drift_status_refresh_seconds)
+        for task in (
+            asyncio.create_task(models.watch(), name="model-watcher"),
+            asyncio.create_task(drift_status.watch(), name="drift-status"),
+        ):
+            stack.push_async_callback(_cancel, task)
+        launcher = RetrainLauncher(
+            settings.model_store, predictions, settings.retrain_cooldown_seconds, settings.as_env()
+        )
+        yield Services(
+            settings=settings,
+            registry=registry,
+            models=models,
+            predictions=predictions,
+            recorder=recorder,
+            batcher=batcher,
+            predictor=Predictor(models, batcher, recorder if settings.monitoring_enabled else None),
+            drift_status=drift_status,
+            feedback=FeedbackService(predictions, recorder, settings.live_accuracy_window),
+            launcher=launcher,
+            webhooks=WebhookService(verifiers(settings, sources), settings.retrain_alert_names, predictions, launcher),
+            admin_token=settings.secret("admin_token"),
+        )

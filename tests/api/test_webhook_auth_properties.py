@@ -1,0 +1,274 @@
+"""Property-based tests of the webhook and admin credentials: whatever the headers and body, the answer is
+2xx, 401, 403 or 422, never a 5xx, and only the right credentials get a 2xx.
+
+In-process (``TestClient(create_app(settings))``) for speed, with a bearer token, the admin token and
+Grafana's HMAC secret over ``<timestamp>:<body>``. The store's retrain state says a retrain started just
+now and the cooldown is a day, so a request that does get through never starts a retrain.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, Phase, example, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from app.main import create_app
+from app.retrain.launcher import STATE_FILE
+from app.settings import Settings
+from tests.conftest import ADMIN_TOKEN, WEBHOOK_TOKEN
+
+HMAC_SECRET = "fuzz-hmac-secret"
+SIGNATURE = "X-Grafana-Alerting-Signature"
+TIMESTAMP = "X-Grafana-Alerting-Timestamp"
+ALLOWED = {401, 403, 422}
+# Fixed generation (derandomize: the seed comes from the test's name) and no example database, so every run
+# sends the same requests; 300 examples per property take a few seconds in-process. No shrinking: the
+# properties collect every bad answer themselves and report them all at the end (shrinking one 5,000-digit
+# header took minutes).
+PROPERTY = hypothesis_settings(
+    max_examples=300,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A generated header value and whether it is the right credential."""
+
+    value: bytes | None
+    valid: bool
+
+
+def _latin1_or_utf8(text: str) -> bytes:
+    # Servers decode header bytes as latin-1 (starlette does): send latin-1 where it fits, else UTF-8 bytes.
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode()
+
+
+# What a header value can be on the wire: no CR, LF or NUL (the HTTP parser refuses those before the app).
+_header_text = st.text(st.characters(exclude_characters="\r\n\x00", exclude_categories=["Cs"]), max_size=64)
+_huge = st.integers(1000, 20000).map(lambda n: "x" * n)
+_basic = st.binary(max_size=48).map(lambda raw: "Basic " + base64.b64encode(raw).decode())
+
+_VALID_AUTH = Header(f"Bearer {WEBHOOK_TOKEN}".encode(), valid=True)
+authorization = st.one_of(
+    st.just(Header(None, valid=False)),
+    st.just(_VALID_AUTH),
+    st.one_of(
+        _header_text.map(lambda t: "Bearer " + t),
+        _header_text.map(lambda t: "bearer " + t),
+        _basic,
+        _header_text.map(lambda t: "Basic " + t),
+        _header_text,
+        _huge.map(lambda t: "Bearer " + t),
+        st.sampled_from(["Bearer", "Bearer ", f"Bearer {WEBHOOK_TOKEN}x", f"Bearer {ADMIN_TOKEN}", "Digest x"]),
+    ).map(lambda t: Header(_latin1_or_utf8(t), valid=False)),
+)
+
+# Timestamps: non-numeric, negative, huge, float strings, unicode digits (latin-1 superscripts and others).
+HOSTILE_STAMPS = ["abc", "", " ", "-1", "1.5", "1e9", "NaN", "inf", "0x10", "²", "¹²³", "١٢٣", "１２３", "9" * 5000]
+_numeric_like = st.one_of(
+    st.integers(-(10**12), 10**12).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.integers(1, 6000).map(lambda n: "9" * n),
+    st.text("0123456789²³¹١٢٣٤٥６７８９ -+.eE_", min_size=1, max_size=20),
+    _header_text,
+)
+
+
+timestamps = st.one_of(
+    st.just(("fresh", True)),
+    st.just((None, False)),
+    st.sampled_from(HOSTILE_STAMPS).map(lambda t: (t, False)),
+    _numeric_like.map(lambda t: (t, False)),
+    st.integers(301, 10**9).map(lambda age: (f"old:{age}", False)),
+)
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+_alert = st.fixed_dictionaries(
+    {
+        "status": st.sampled_from(["firing", "resolved", "pending"]),
+        "labels": st.dictionaries(st.sampled_from(["alertname", "severity"]), st.text(max_size=30), max_size=2)
+        | st.just({"alertname": "SentimentDriftDetected"}),
+        "startsAt": st.text(max_size=30),
+        "fingerprint": st.text(max_size=16),
+    }
+)
+_notification = st.fixed_dictionaries(
+    {
+        "version": st.sampled_from(["1", "4", 1, ""]),
+        "status": st.sampled_from(["firing", "resolved", "x"]),
+        "alerts": st.lists(_alert, max_size=3),
+    },
+    optional={"orgId": st.integers() | st.text(max_size=5), "receiver": st.text(max_size=10)},
+)
+bodies = st.one_of(
+    st.binary(max_size=300),
+    _json.map(lambda v: json.dumps(v).encode()),
+    _notification.map(lambda v: json.dumps(v).encode()),
+    st.text(max_size=200).map(str.encode),
+)
+
+
+@pytest.fixture
+def hooks(settings: Settings) -> Iterator[TestClient]:
+    signed = settings.model_copy(
+        update={
+            "grafana_hmac_secret": HMAC_SECRET,
+            "grafana_timestamp_header": TIMESTAMP,
+            "retrain_cooldown_seconds": 86400.0,
+        }
+    )
+    (signed.model_store / STATE_FILE).write_text(json.dumps({"last_started_at": time.time(), "job_id": "cooldown"}))
+    with TestClient(create_app(signed), raise_server_exceptions=False) as client:
+        yield client
+
+
+def _is_bearer(value: bytes | None, token: str) -> bool:
+    """The documented contract: ``Authorization: Bearer <token>`` (scheme in any case, token trimmed)."""
+    scheme, _, given = (value or b"").partition(b" ")
+    return scheme.lower() == b"bearer" and given.strip() == token.encode()
+
+
+def _sign(stamp: bytes | None, body: bytes) -> str:
+    message = body if stamp is None else stamp + b":" + body
+    return hmac.new(HMAC_SECRET.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _describe(response_status: int, headers: dict[str, bytes], body: bytes, text: str) -> str:
+    shown = {
+        name: value[:80] + (b"... (%d bytes)" % len(value) if len(value) > 80 else b"")
+        for name, value in headers.items()
+    }
+    return f"status {response_status} for headers={shown!r} body={body[:120]!r}: {text[:200]}"
+
+
+def _report(bad: list[str]) -> str:
+    distinct = sorted(set(bad))
+    return f"{len(bad)} bad answers ({len(distinct)} distinct):\n" + "\n".join(distinct[:30])
+
+
+def _grafana_headers(
+    auth: Header, stamp: tuple[str | None, bool], signature: str | None, body: bytes
+) -> dict[str, bytes]:
+    headers: dict[str, bytes] = {"Content-Type": b"application/json"}
+    if auth.value is not None:
+        headers["Authorization"] = auth.value
+    raw_stamp, _ = stamp
+    stamp_bytes = None
+    if raw_stamp == "fresh":
+        stamp_bytes = str(int(time.time())).encode()
+    elif raw_stamp is not None and raw_stamp.startswith("old:"):
+        stamp_bytes = str(int(time.time()) - int(raw_stamp[4:])).encode()
+    elif raw_stamp is not None:
+        stamp_bytes = _latin1_or_utf8(raw_stamp)
+    if stamp_bytes is not None:
+        headers[TIMESTAMP] = stamp_bytes
+    if signature == "valid":
+        headers[SIGNATURE] = _sign(stamp_bytes, body).encode()
+    elif signature is not None:
+        headers[SIGNATURE] = _latin1_or_utf8(signature)
+    return headers
+
+
+def test_grafana_webhook_answers_only_2xx_401_403_422_and_2xx_only_with_every_credential(hooks: TestClient) -> None:
+    """Arbitrary Authorization, signature, timestamp and body on the Grafana webhook: never a 5xx; a 2xx
+    only with the bearer token, a fresh timestamp and the right signature."""
+    bad: list[str] = []
+
+    @PROPERTY
+    @given(
+        auth=authorization,
+        stamp=timestamps,
+        signature=st.one_of(
+            st.just("valid"), st.just(None), _header_text, st.text("0123456789abcdefABCDEF", min_size=64, max_size=64)
+        ),
+        body=bodies,
+    )
+    def check(auth: Header, stamp: tuple[str | None, bool], signature: str | None, body: bytes) -> None:
+        headers = _grafana_headers(auth, stamp, signature, body)
+        response = hooks.post("/v1/webhooks/grafana", content=body, headers=headers)
+        described = _describe(response.status_code, headers, body, response.text)
+        if not (response.status_code < 300 or response.status_code in ALLOWED):
+            bad.append(described)
+        elif response.status_code < 300 and not (
+            _is_bearer(auth.value, WEBHOOK_TOKEN) and stamp[1] and signature == "valid"
+        ):
+            bad.append("accepted without every credential: " + described)
+
+    for hostile in HOSTILE_STAMPS:  # each known-hostile timestamp at least once, every other credential right
+        check = example(auth=_VALID_AUTH, stamp=(hostile, False), signature="valid", body=b"{}")(check)
+    check()
+    assert bad == [], _report(bad)
+
+
+@pytest.mark.parametrize("route", ["/v1/webhooks/alertmanager", "/v1/retrain", "/v1/retrain/jobs"])
+def test_bearer_routes_answer_only_2xx_401_403_422_and_2xx_only_with_their_token(hooks: TestClient, route: str) -> None:
+    """Arbitrary Authorization headers (and bodies, with Grafana's headers thrown in) on the Alertmanager
+    webhook and the admin routes: never a 5xx, and a 2xx only with that route's own token."""
+    token = WEBHOOK_TOKEN if "webhooks" in route else ADMIN_TOKEN
+
+    @PROPERTY
+    @given(
+        auth=authorization, body=bodies, extra=st.dictionaries(st.sampled_from([SIGNATURE, TIMESTAMP]), _header_text)
+    )
+    def check(auth: Header, body: bytes, extra: dict[str, str]) -> None:
+        headers = {"Content-Type": b"application/json", **{k: _latin1_or_utf8(v) for k, v in extra.items()}}
+        valid = False
+        if auth.value is not None:
+            value = auth.value.replace(WEBHOOK_TOKEN.encode(), token.encode()) if auth.valid else auth.value
+            headers["Authorization"] = value
+            valid = _is_bearer(value, token)
+        if route == "/v1/retrain/jobs":
+            response = hooks.get(route, headers=headers)
+        else:
+            response = hooks.post(route, content=body, headers=headers)
+
+        described = _describe(response.status_code, headers, body, response.text)
+        if not (response.status_code < 300 or response.status_code in ALLOWED):
+            bad.append(described)
+        elif response.status_code < 300 and not valid:
+            bad.append("accepted without the token: " + described)
+
+    bad: list[str] = []
+    check()
+    assert bad == [], _report(bad)
+
+
+def test_no_request_started_a_retrain(hooks: TestClient) -> None:
+    """Valid credentials with a firing drift alert meet the cooldown: 202 ``cooldown``, no job recorded."""
+    body = json.dumps(
+        {
+            "version": "4",
+            "status": "firing",
+            "alerts": [{"status": "firing", "labels": {"alertname": "SentimentDriftDetected"}, "startsAt": "t"}],
+        }
+    ).encode()
+    response = hooks.post(
+        "/v1/webhooks/alertmanager",
+        content=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {WEBHOOK_TOKEN}"},
+    )
+    assert response.status_code == 202 and response.json()["status"] == "cooldown", response.text
+    jobs = hooks.get("/v1/retrain/jobs", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert jobs.json() == []
