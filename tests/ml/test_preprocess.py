@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+import string
+import tracemalloc
+from collections.abc import Callable, Iterator
 
 import joblib
 import pytest
@@ -52,3 +55,40 @@ def test_tokens_and_negation_are_nltks_token_for_token_on_real_text(loader: Call
     for text in texts:
         nltk_tokens = [preprocess._stem(t) for t in nltk_tokenizer.tokenize(normalize(text))]
         assert tokenize(text) == nltk_mark_negation(nltk_tokens, shallow=True), text
+
+
+def _distinct_tokens(n: int, length: int, alphabet: str, seed: int = 0) -> Iterator[str]:
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield "".join(rng.choices(alphabet, k=length))
+
+
+def test_long_tokens_are_stemmed_as_before_but_never_cached() -> None:
+    preprocess._stem_cached.cache_clear()
+    long_tokens = ["unbelievably" * 4, "disappointingly" * 10, *_distinct_tokens(20, 4000, string.ascii_lowercase)]
+    for token in long_tokens:
+        (normalized,) = preprocess._TOKENS.findall(normalize(token))  # a letter repeated 4+ times shrinks
+        assert len(normalized) > preprocess.MAX_CACHED_TOKEN_CHARS
+        assert tokenize(token) == [str(preprocess._STEMMER.stem(normalized))]
+    assert tokenize("x" * 3 + "running") == ["xxxrun"]  # a short one is cached
+    assert preprocess._stem_cached.cache_info().currsize == 1
+
+
+def test_the_stem_cache_cannot_outgrow_its_byte_budget() -> None:
+    # The largest entries: 40-character "@handles" of 4-byte word characters ("x@..." stays a handle). 6,000
+    # entries just passed a growth of the cache's dict, where a slot costs the most per entry.
+    preprocess._stem_cached.cache_clear()
+    wide = "".join(chr(c) for c in range(0x20000, 0x20100))
+    entries = 6000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for token in _distinct_tokens(entries, preprocess.MAX_CACHED_TOKEN_CHARS - 1, wide):
+            assert tokenize("x@" + token)[1] == "@" + token
+        per_entry = (tracemalloc.get_traced_memory()[0] - before) / entries
+    finally:
+        tracemalloc.stop()
+        preprocess._stem_cached.cache_clear()
+    assert per_entry <= preprocess._STEM_ENTRY_MAX_BYTES, per_entry
+    assert preprocess.STEM_CACHE_SIZE * preprocess._STEM_ENTRY_MAX_BYTES <= preprocess.STEM_CACHE_MAX_BYTES
+    assert preprocess.STEM_CACHE_SIZE >= 50_000  # the three corpora hold 39,531 distinct tokens
