@@ -24,7 +24,7 @@ import structlog
 from pydantic import ValidationError
 
 from app.logs import configure_logging
-from app.monitoring.metrics import MULTIPROC_ENV, SUPERVISED_RESTARTS, mark_process_dead
+from app.monitoring.metrics import MULTIPROC_ENV, SUPERVISED_RESTARTS, retire_process
 from app.settings import REPO_ROOT, Settings
 
 log = structlog.get_logger("app.supervisor")
@@ -115,7 +115,7 @@ class Supervisor:
                 self.backoff = 1.0
             return
         if self.restart_at == 0.0:
-            mark_process_dead(self.monitor.pid)
+            retire_process(self.monitor.pid)
             log.error("drift_monitor_exited", monitor_pid=self.monitor.pid, code=code, restart_in=self.backoff)
             self.restart_at = now + self.backoff
             self.backoff = min(self.backoff * 2, MAX_BACKOFF_SECONDS)
@@ -125,9 +125,9 @@ class Supervisor:
             self.start_monitor()
 
     def reap(self) -> None:
-        """Collect orphans that died (their live gauges go with them, as for a dead worker)."""
+        """Collect orphans that died (their metric files are retired, as for a dead worker)."""
         for pid, code in reap_orphans([self.gunicorn, self.monitor]):
-            mark_process_dead(pid)
+            retire_process(pid)
             log.info("orphan_reaped", orphan_pid=pid, code=code)
 
     def run(self) -> int:

@@ -3,8 +3,8 @@
 prometheus_client's multiprocess mode applies when ``PROMETHEUS_MULTIPROC_DIR`` is set before this module
 is imported (``scripts/serve`` sets and wipes it): every process (gunicorn workers, the drift monitor, a
 retrain) writes its samples to files there and ``/metrics`` merges them per scrape. Counters and histograms
-sum over all processes, dead ones included, so a killed worker's counts survive. Each gauge states how its
-per-process values combine.
+sum over all processes, dead ones included, so a killed worker's counts survive (folded into aggregate files
+once it is reaped: :mod:`app.monitoring.exposition`). Each gauge states how its per-process values combine.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.ml.data import LABELS
+from app.monitoring import exposition
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _BULK_FROM = 8  # observe_many: fewer values than this are observed one by one
@@ -107,6 +108,11 @@ PREDICTION_LOG_DROPPED = Counter(
     ["reason"],
 )
 PREDICTION_LOG_DROP_REASONS = ("buffer_full", "rejected_row", "shutdown")
+PREDICTION_LOG_PENDING = Gauge(
+    "sentiment_prediction_log_pending_rows",
+    "Predictions held in the live workers' write-behind buffers, not yet written to the prediction log.",
+    multiprocess_mode="livesum",
+)
 FEEDBACK = Counter("sentiment_feedback_total", "Labelled feedback received, by true label.", ["sentiment"])
 LIVE_ACCURACY = Gauge(
     "sentiment_live_accuracy",
@@ -159,7 +165,7 @@ DRIFT_CHECK_DURATION = Histogram(
 # (RetrainLockCollector), so a killed retrain can never leave it stuck at 1.
 RETRAIN_TOTAL = Counter("sentiment_retrain_total", "Retrains, by trigger and outcome.", ["trigger", "outcome"])
 RETRAIN_TRIGGERS = ("alertmanager", "grafana", "manual")  # the webhook sources and POST /v1/retrain
-RETRAIN_OUTCOMES = ("promoted", "rejected", "skipped_no_new_labels", "skipped_too_few_labels", "failed")
+RETRAIN_OUTCOMES = ("promoted", "rejected", "superseded", "skipped_no_new_labels", "skipped_too_few_labels", "failed")
 RETRAIN_DURATION = Histogram(
     "sentiment_retrain_duration_seconds", "Duration of one retrain.", buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200)
 )
@@ -209,19 +215,33 @@ class RetrainLockCollector(Collector):
 def render(extra: Collector | None = None) -> tuple[bytes, str]:
     """The exposition text of every process's metrics, and its content type.
 
-    In multiprocess mode a fresh registry with a :class:`MultiProcessCollector` reads the files of all
-    processes on each scrape (the documented pattern); otherwise the default registry is served.
+    In multiprocess mode a fresh registry reads the files of all processes on each scrape (the documented
+    pattern, with :class:`~app.monitoring.exposition.MultiProcessFilesCollector`, which also reads the
+    aggregates of dead processes consistently with compactions, and compacts first when dead files piled up);
+    otherwise the default registry is served.
     """
     registry = CollectorRegistry()
     if extra is not None:
         registry.register(extra)
-    if os.environ.get(MULTIPROC_ENV):
-        multiprocess.MultiProcessCollector(registry)
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        exposition.register_collector(registry, directory)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY) + generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 def mark_process_dead(pid: int) -> None:
-    """Drop a dead process's live gauges (gunicorn's ``child_exit`` hook calls this)."""
+    """Drop a dead process's live gauges."""
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.mark_process_dead(pid)
+
+
+def retire_process(pid: int) -> None:
+    """A process that wrote metrics was reaped (gunicorn's ``child_exit``, the supervisor): drop its live gauges
+    and fold the files of every dead process into the aggregates, so /metrics does not slow down with each
+    recycle (:mod:`app.monitoring.exposition`). Never raises: a compaction that fails or finds the lock busy
+    is logged and left to a later one."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        multiprocess.mark_process_dead(pid)
+        exposition.compact_quietly(directory)
