@@ -117,7 +117,8 @@ def run_schemathesis(
         str(report),
         *extra,
     ]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    # cwd: schemathesis keeps a cache folder (.schemathesis/) in its working directory, not in the checkout.
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False, cwd=config.parent)
     if not report.exists():
         raise RuntimeError(f"schemathesis wrote no report (exit {completed.returncode}):\n{completed.stdout[-4000:]}")
     return parse_report(report), completed
