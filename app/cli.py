@@ -1,4 +1,5 @@
-"""Command line for the model store: ``python -m app.cli train|list|show|promote|rollback|sign``."""
+"""Command line: ``python -m app.cli train|list|show|promote|rollback|sign`` (model store), ``feedback`` (labels),
+``db upgrade|current|check|downgrade`` (the prediction database's schema)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from pathlib import Path
 
+from app import migrations
 from app.errors import ModelStoreError, SentimentServiceError
 from app.logs import configure_logging
 from app.ml.data import CORPORA
@@ -82,6 +85,53 @@ def _sign(registry: ModelRegistry, versions: list[str]) -> int:
     return 1 if failed else 0
 
 
+def _feedback(registry: ModelRegistry, settings: Settings, args: argparse.Namespace) -> int:
+    """``feedback sources``: label counts per feedback token name; ``feedback purge NAME``: forget its labels."""
+    from app.monitoring.prediction_log import PredictionLog
+
+    predictions = PredictionLog.from_settings(settings)
+    try:
+        migrations.require_current(predictions.engine, "cli")  # an older log: `db upgrade` adds label_source
+        if args.feedback_command == "sources":
+            print(f"{'source':24} {'labels':>8}  last_labelled_at")
+            for row in predictions.label_sources():
+                print(f"{row['source']:24} {row['labels']:8d}  {_utc_text(row['last_labelled_at'])}")
+            return 0
+        purged = predictions.purge_labels(args.name)
+    finally:
+        predictions.dispose()
+    print(f"purged    {purged} labels of {args.name!r} (the predictions stay, unlabelled)")
+    fitted = [
+        v.version
+        for v in registry.versions()
+        if args.name in v.metadata.get("data", {}).get("feedback", {}).get("sources", {})
+    ]
+    if fitted:
+        print(f"fitted on {args.name!r}: {', '.join(fitted)} (promote or roll back to a version fitted without it)")
+    print("revoke the token itself by removing it from SENTIMENT_FEEDBACK_TOKEN(_FILE) and restarting the service")
+    return 0
+
+
+def _utc_text(timestamp: float | None) -> str:
+    return "" if timestamp is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _db(settings: Settings, args: argparse.Namespace) -> int:
+    """``db upgrade [REVISION]``, ``db downgrade REVISION``, ``db current``, ``db check`` (1 when behind)."""
+    url = settings.prediction_log_url
+    if args.db_command == "upgrade":
+        state = migrations.upgrade(url, args.revision, echo=lambda line: print(f"db        {line}"))
+    elif args.db_command == "downgrade":
+        state = migrations.downgrade(url, args.revision, echo=lambda line: print(f"db        {line}"))
+    else:
+        state = migrations.current(url)
+        legacy = " (tables from a release before migrations, no alembic_version)" if state.legacy else ""
+        print(f"current   {state.current or 'none'}{legacy}")
+        print(f"head      {state.head}")
+    print(f"schema    {state.describe()}")
+    return 1 if args.db_command == "check" and state.behind else 0
+
+
 def _parser(settings: Settings) -> argparse.ArgumentParser:
     for module in IMPLEMENTATIONS:  # registers the model kinds
         importlib.import_module(module)
@@ -116,6 +166,25 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         "sign", help="(re-)sign versions with SENTIMENT_MODEL_SIGNING_KEY[_FILE], after checking their hashes"
     )
     sign.add_argument("versions", nargs="*", help="default: every version")
+    feedback = sub.add_parser("feedback", help="feedback labels by the token (source) that sent them")
+    feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True)
+    feedback_sub.add_parser("sources", help="list the token names that sent labels, with label counts")
+    purge = feedback_sub.add_parser(
+        "purge",
+        aliases=["revoke"],
+        help="forget every label a token name sent (the predictions stay); no retrain uses them again",
+    )
+    purge.add_argument("name", help="the token's name (`legacy`: labels older than recorded sources)")
+    db = sub.add_parser("db", help="the prediction database's schema (SENTIMENT_DATABASE_URL): Alembic migrations")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_sub.add_parser(
+        "upgrade", help="migrate to the newest revision (creates the tables; adopts a database from before migrations)"
+    )
+    upgrade.add_argument("revision", nargs="?", default="head", help="default: head")
+    downgrade = db_sub.add_parser("downgrade", help="migrate back (to roll a release back); dropped columns lose data")
+    downgrade.add_argument("revision", help="a revision id, -1 (one step back) or base (no tables)")
+    db_sub.add_parser("current", help="print the database's revision and this release's head")
+    db_sub.add_parser("check", help="like current; exits 1 when the schema is behind (the service would refuse it)")
     return parser
 
 
@@ -126,6 +195,8 @@ def _run(registry: ModelRegistry, settings: Settings, args: argparse.Namespace) 
         return _list(registry)
     if args.command == "sign":
         return _sign(registry, args.versions)
+    if args.command == "feedback":
+        return _feedback(registry, settings, args)
     if args.command == "show":
         version = args.version or registry.current_version()
         if version is None:
@@ -147,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser(settings).parse_args(argv)
     configure_logging(settings.log_level)
     try:
+        if args.command == "db":  # the database alone: no model store needed
+            return _db(settings, args)
         registry = ModelRegistry.from_settings(settings.model_copy(update={"model_store": args.store}))
         return _run(registry, settings, args)
     except SentimentServiceError as exc:

@@ -19,6 +19,7 @@ from app.api.middleware import (
     RequestIdMiddleware,
     Utf8BodyMiddleware,
 )
+from app.monitoring.feedback import FeedbackCredentials
 from app.retrain.webhooks import SOURCES, WebhookSource, verifiers
 from app.services import build_services
 from app.settings import Settings
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, sources: Sequence[WebhookSource
     settings = settings or Settings()
     check_secrets(settings)
     verifiers(settings, sources)  # fail fast: gunicorn does not boot a service whose webhooks anyone could call
+    FeedbackCredentials.from_settings(settings)  # fail fast on a malformed feedback token list
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

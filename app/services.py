@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.migrations import DatabaseSchemaBehindError, require_current
 from app.ml.registry import ModelRegistry
-from app.monitoring.feedback import FeedbackService
+from app.monitoring.feedback import FeedbackCredentials, FeedbackService
 from app.monitoring.prediction_log import PredictionLog, PredictionRecorder
 from app.monitoring.status import DriftStatus
 from app.retrain.launcher import RetrainLauncher
@@ -52,11 +53,17 @@ async def _load_models(settings: Settings) -> tuple[ModelRegistry, ModelManager]
 
 
 async def _open_prediction_db(settings: Settings) -> PredictionLog:
+    """Open the prediction log after checking its schema: one behind this code refuses the start
+    (:class:`DatabaseSchemaBehindError`, logged ``database_schema_behind``); an unreachable database does
+    not (predictions are served anyway and the recorder keeps retrying)."""
     predictions = PredictionLog.from_settings(settings)
     try:
-        await predictions.call(predictions.create_tables)
-    except SQLAlchemyError as exc:  # predictions are served anyway; the recorder keeps retrying
+        await predictions.call(require_current, predictions.engine, "web")
+    except SQLAlchemyError as exc:
         log.error("prediction_log_unavailable", reason=type(exc).__name__)
+    except DatabaseSchemaBehindError:
+        predictions.dispose()
+        raise
     return predictions
 
 
@@ -99,7 +106,9 @@ async def build_services(settings: Settings, sources: Sequence[WebhookSource] = 
             batcher=batcher,
             predictor=Predictor(models, batcher, recorder if settings.monitoring_enabled else None),
             drift_status=drift_status,
-            feedback=FeedbackService(predictions, recorder, settings.live_accuracy_window),
+            feedback=FeedbackService(
+                predictions, recorder, settings.live_accuracy_window, FeedbackCredentials.from_settings(settings)
+            ),
             launcher=launcher,
             webhooks=WebhookService(verifiers(settings, sources), settings.retrain_alert_names, predictions, launcher),
             admin_token=settings.secret("admin_token"),

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from app.migrations import upgrade
 from app.ml.data import Corpus, load_clothing, load_rotten_tomatoes, load_tweets
 from app.ml.model import build_model
 from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
@@ -57,8 +58,8 @@ def service_retrain(tmp: Path, base_store: Path, base_model: Any, feedback: Corp
     settings = Settings(model_store=tmp / "store", state_dir=tmp / "var", retrain_promotion_margin=1.0)
     # margin 1.0: every candidate is kept and measured; the gate's verdict at the default is computed
     shutil.copytree(base_store, settings.model_store)
+    upgrade(settings.prediction_log_url)
     store = PredictionLog(settings.prediction_log_url)
-    store.create_tables()
     log_feedback(store, base_model.model, base_model.version, feedback)
     outcome = retrain(settings, f"bench-{tmp.name}", "bench")
     candidate = ModelRegistry(settings.model_store).load(outcome.candidate_version or "")

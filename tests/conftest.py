@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import structlog
 
+from app.migrations import upgrade
 from app.ml.data import Corpus, load_rotten_tomatoes
 from app.ml.pipeline import ModelParams
 from app.ml.registry import ModelRegistry
@@ -21,6 +22,8 @@ SMALL_ROWS = 3000
 SMALL_PARAMS = ModelParams(calibration_folds=3)
 WEBHOOK_TOKEN = "test-webhook-token"
 ADMIN_TOKEN = "test-admin-token"
+FEEDBACK_TOKEN = "test-feedback-token"
+FEEDBACK = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
 
 
 @pytest.fixture(autouse=True)
@@ -80,8 +83,9 @@ def versions(_session_store: tuple[Path, list[str]]) -> list[str]:
 
 @pytest.fixture
 def settings(store: ModelRegistry, tmp_path: Path) -> Settings:
-    """The service's settings over the private store, with a private prediction log."""
-    return Settings(
+    """The service's settings over the private store, with a private prediction log migrated to head (as
+    ``scripts/serve`` does before starting)."""
+    settings = Settings(
         model_store=store.root,
         state_dir=tmp_path / "var",
         reload_interval_seconds=0.1,
@@ -89,7 +93,10 @@ def settings(store: ModelRegistry, tmp_path: Path) -> Settings:
         drift_status_refresh_seconds=0.1,
         webhook_token=WEBHOOK_TOKEN,
         admin_token=ADMIN_TOKEN,
+        feedback_token=FEEDBACK_TOKEN,
     )
+    upgrade(settings.prediction_log_url)
+    return settings
 
 
 @pytest.fixture(scope="session")

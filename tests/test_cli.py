@@ -1,6 +1,8 @@
-"""The model-store command line: signing an existing store, and choosing the kind of model to train."""
+"""The command line: signing an existing store, choosing the kind of model to train, and feedback labels by token."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +47,42 @@ def test_train_if_empty_on_a_corrupt_pointer_neither_trains_nor_fails(
     assert main(["--store", str(store.root), "train", "--if-empty"]) == 0
     assert "not training" in capsys.readouterr().err
     assert [v.version for v in store.versions()] == versions
+
+
+def test_feedback_sources_lists_names_and_purge_forgets_one_names_labels(
+    store: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.migrations import upgrade
+    from app.monitoring.prediction_log import PredictionLog
+
+    url = f"sqlite:///{tmp_path / 'predictions.db'}"
+    upgrade(url)
+    log = PredictionLog(url)
+    log.insert_predictions(
+        [
+            {
+                "id": f"p{i}",
+                "created_at": 1.0 + i,
+                "text": f"text {i}",
+                "text_length": 6,
+                "sentiment": "positive",
+                "confidence": 0.9,
+                "p_positive": 0.9,
+                "model_version": "v1",
+                "latency_ms": 1.0,
+            }
+            for i in range(5)
+        ]
+    )
+    for i, source in enumerate(["web", "leaked", "leaked", "leaked"]):
+        log.set_label(f"p{i}", "negative", now=100.0 + i, source=source)
+    monkeypatch.setenv("SENTIMENT_DATABASE_URL", url)
+    assert main(["--store", str(store.root), "feedback", "sources"]) == 0
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == [["leaked", "3"], ["web", "1"]]
+    assert main(["--store", str(store.root), "feedback", "revoke", "leaked"]) == 0
+    assert "purged    3 labels of 'leaked'" in capsys.readouterr().out
+    assert [(r["id"], r["source"]) for r in log.labelled()] == [("p0", "web")]
+    assert log.get_prediction("p1") is not None  # the prediction stays
+    assert main(["--store", str(store.root), "feedback", "purge", "leaked"]) == 0
+    assert "purged    0 labels" in capsys.readouterr().out

@@ -22,8 +22,10 @@ def log_predictions(
     labels: NDArray[np.int64] | None = None,
     *,
     start: float | None = None,
+    source: str = "default",
 ) -> list[dict[str, Any]]:
-    """Log ``pipeline``'s predictions of ``texts`` as ``version`` made them; with ``labels``, label them too."""
+    """Log ``pipeline``'s predictions of ``texts`` as ``version`` made them; with ``labels``, label them too,
+    as sent by the feedback token named ``source``."""
     proba = pipeline.predict_proba(list(texts))[:, 1]
     start = time.time() if start is None else start
     rows = [
@@ -43,5 +45,5 @@ def log_predictions(
     store.insert_predictions(rows)
     if labels is not None:
         for row, label in zip(rows, labels, strict=True):
-            store.set_label(row["id"], LABELS[int(label)], now=start + 1)
+            store.set_label(row["id"], LABELS[int(label)], now=start + 1, source=source)
     return rows

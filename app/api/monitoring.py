@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.deps import DriftStatusDep, FeedbackDep, JsonBody, PredictionsDep, SettingsDep
@@ -16,6 +17,22 @@ from app.monitoring.status import utc
 from app.retrain.launcher import retrain_running
 
 router = APIRouter(tags=["monitoring"])
+
+# Documents the credential in OpenAPI; the check itself is FeedbackCredentials.identify (constant-time).
+FEEDBACK_BEARER = HTTPBearer(
+    scheme_name="feedbackToken",
+    description="A feedback token from `SENTIMENT_FEEDBACK_TOKEN[_FILE]`; its name is recorded with each label.",
+    auto_error=False,
+)
+
+
+async def feedback_source(
+    request: Request,
+    service: FeedbackDep,
+    _: Annotated[HTTPAuthorizationCredentials | None, Security(FEEDBACK_BEARER)],
+) -> str:
+    """The name of the feedback token the request presents; 401 ``unauthorized`` without a valid one."""
+    return service.authenticate(request.headers.get("authorization", ""))
 
 
 @router.get(
@@ -40,11 +57,13 @@ async def drift(
     "/v1/feedback",
     response_model=FeedbackOut,
     dependencies=[JsonBody],
-    responses={status: {"model": ErrorOut} for status in (404, 409, 415, 422, 503)},
-    summary="Send the true label of a prediction",
+    responses={status: {"model": ErrorOut} for status in (401, 404, 409, 415, 422, 503)},
+    summary="Send the true label of a prediction (feedback token)",
 )
-async def feedback(body: FeedbackIn, service: FeedbackDep) -> FeedbackOut:
-    receipt = await service.record(body.prediction_id, body.label)
+async def feedback(
+    body: FeedbackIn, service: FeedbackDep, source: Annotated[str, Depends(feedback_source)]
+) -> FeedbackOut:
+    receipt = await service.record(body.prediction_id, body.label, source)
     return FeedbackOut(**receipt.__dict__)
 
 

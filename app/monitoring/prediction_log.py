@@ -53,14 +53,12 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 from sqlalchemy.sql.expression import Executable
 
 from app.monitoring.metrics import PREDICTION_LOG_DROPPED, PREDICTION_LOG_ERRORS, PREDICTION_LOG_PENDING
@@ -70,6 +68,8 @@ from app.settings import Settings
 log = structlog.get_logger(__name__)
 
 metadata = MetaData()
+"""The tables below: the schema this code needs. Only the migrations (:mod:`app.migrations`) create or change
+them: a change here needs a revision (``tests/test_migrations.py`` fails while the two differ)."""
 
 predictions = Table(
     "predictions",
@@ -85,6 +85,7 @@ predictions = Table(
     Column("latency_ms", Float, nullable=False),
     Column("label", String(8), nullable=True),
     Column("labelled_at", Float, nullable=True),
+    Column("label_source", String(64), nullable=True),  # the name of the feedback token that sent the label
     Index("ix_predictions_version_time", "model_version", "created_at"),
     Index("ix_predictions_time", "created_at"),
     Index("ix_predictions_labelled_at", "labelled_at"),
@@ -137,6 +138,9 @@ webhook_alerts = Table(
     Column("received_at", Float, nullable=False),
     Column("job_id", String(32), nullable=True),  # the retrain it started; released unless that promotes
 )
+
+LEGACY_SOURCE = "legacy"
+"""The source name of labels recorded before labels carried one (``label_source`` NULL)."""
 
 
 class LabelOutcome(enum.Enum):
@@ -239,25 +243,6 @@ class PredictionLog:
         job = functools.partial(context.run, method, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, job)
 
-    def create_tables(self) -> None:
-        """Create missing tables; tolerates another process creating them at the same moment."""
-        for attempt in range(5):
-            try:
-                metadata.create_all(self.engine, checkfirst=True)
-                self._add_missing_columns()
-                return
-            except OperationalError:
-                if attempt == 4:
-                    raise
-                time.sleep(0.1 * (attempt + 1))
-
-    def _add_missing_columns(self) -> None:
-        """Columns added since a table was first created (``create_all`` never alters a table)."""
-        present = {c["name"] for c in inspect(self.engine).get_columns(webhook_alerts.name)}
-        if "job_id" not in present:
-            with contextlib.suppress(OperationalError), self.engine.begin() as conn:  # another process won
-                conn.execute(text(f"ALTER TABLE {webhook_alerts.name} ADD COLUMN job_id VARCHAR(32)"))
-
     def dispose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.engine.dispose()
@@ -281,8 +266,11 @@ class PredictionLog:
             row = conn.execute(select(predictions).where(predictions.c.id == prediction_id)).mappings().first()
         return dict(row) if row else None
 
-    def set_label(self, prediction_id: str, label: str, now: float | None = None) -> LabelResult:
-        """Record the true label of a prediction: idempotent for the same label, refused for another."""
+    def set_label(
+        self, prediction_id: str, label: str, now: float | None = None, *, source: str = "default"
+    ) -> LabelResult:
+        """Record the true label of a prediction, sent by the feedback token named ``source``: idempotent
+        for the same label (the first sender stays on record), refused for another."""
         with self.engine.begin() as conn:
             row = conn.execute(
                 select(predictions.c.sentiment, predictions.c.label).where(predictions.c.id == prediction_id)
@@ -296,7 +284,7 @@ class PredictionLog:
             done = conn.execute(
                 update(predictions)
                 .where(predictions.c.id == prediction_id, predictions.c.label.is_(None))
-                .values(label=label, labelled_at=now or time.time())
+                .values(label=label, labelled_at=now or time.time(), label_source=source)
             )
             if done.rowcount == 0:
                 current = conn.execute(select(predictions.c.label).where(predictions.c.id == prediction_id)).scalar()
@@ -348,24 +336,67 @@ class PredictionLog:
             return int(conn.execute(query).scalar_one())
 
     def labelled(self, since: float | None = None) -> list[dict[str, Any]]:
-        """Every labelled prediction (text, label, labelled_at), oldest label first."""
-        query = select(predictions.c.id, predictions.c.text, predictions.c.label, predictions.c.labelled_at).where(
-            predictions.c.label.is_not(None)
-        )
+        """Every labelled prediction (id, text, label, labelled_at, source: the name of the feedback token
+        that sent the label, :data:`LEGACY_SOURCE` for labels older than that record), oldest label first."""
+        source = func.coalesce(predictions.c.label_source, LEGACY_SOURCE).label("source")
+        query = select(
+            predictions.c.id, predictions.c.text, predictions.c.label, predictions.c.labelled_at, source
+        ).where(predictions.c.label.is_not(None))
         if since is not None:
             query = query.where(predictions.c.labelled_at > since)
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query.order_by(predictions.c.labelled_at)).mappings()]
 
-    def enforce_retention(self, max_rows: int, max_age_seconds: float, now: float | None = None) -> int:
-        """Delete unlabelled predictions older than the age limit or beyond the newest ``max_rows``.
+    def label_sources(self) -> list[dict[str, Any]]:
+        """Per feedback token name: how many labels it sent that the log holds, and the first and last time."""
+        source = func.coalesce(predictions.c.label_source, LEGACY_SOURCE)
+        query = (
+            select(
+                source.label("source"),
+                func.count().label("labels"),
+                func.min(predictions.c.labelled_at).label("first_labelled_at"),
+                func.max(predictions.c.labelled_at).label("last_labelled_at"),
+            )
+            .where(predictions.c.label.is_not(None))
+            .group_by(source)
+            .order_by(source)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
 
-        Labelled rows are kept: they are the training data of the next retrain.
+    def purge_labels(self, source: str) -> int:
+        """Forget every label the feedback token named ``source`` sent (label, time and source become NULL;
+        the predictions stay, as unlabelled rows) and return how many. ``legacy`` purges the labels recorded
+        before labels carried their source."""
+        column = predictions.c.label_source
+        sent_by = column.is_(None) if source == LEGACY_SOURCE else column == source
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(predictions)
+                .where(predictions.c.label.is_not(None), sent_by)
+                .values(label=None, labelled_at=None, label_source=None)
+            )
+        return int(done.rowcount)
+
+    def enforce_retention(
+        self,
+        max_rows: int,
+        max_age_seconds: float,
+        now: float | None = None,
+        *,
+        max_labelled_rows: int | None = None,
+        max_labelled_age_seconds: float | None = None,
+    ) -> int:
+        """Delete unlabelled predictions older than the age limit or beyond the newest ``max_rows``, and
+        labelled ones (the next retrain's training data, so bounded apart and more generously) whose label is
+        older than ``max_labelled_age_seconds`` or beyond the newest ``max_labelled_rows`` labels; ``None``:
+        no such bound. Returns how many rows went.
         """
         now = now or time.time()
         unlabelled = predictions.c.label.is_(None)
+        deleted = self._enforce_labelled_retention(max_labelled_rows, max_labelled_age_seconds, now)
         with self.engine.begin() as conn:
-            deleted = conn.execute(
+            deleted += conn.execute(
                 delete(predictions).where(unlabelled, predictions.c.created_at < now - max_age_seconds)
             ).rowcount
             cutoff = conn.execute(
@@ -379,6 +410,28 @@ class PredictionLog:
                 deleted += conn.execute(
                     delete(predictions).where(unlabelled, predictions.c.created_at <= cutoff)
                 ).rowcount
+        return int(deleted)
+
+    def _enforce_labelled_retention(self, max_rows: int | None, max_age_seconds: float | None, now: float) -> int:
+        labelled = predictions.c.label.is_not(None)
+        deleted = 0
+        with self.engine.begin() as conn:
+            if max_age_seconds is not None:
+                deleted += conn.execute(
+                    delete(predictions).where(labelled, predictions.c.labelled_at < now - max_age_seconds)
+                ).rowcount
+            if max_rows is not None:
+                cutoff = conn.execute(
+                    select(predictions.c.labelled_at)
+                    .where(labelled)
+                    .order_by(predictions.c.labelled_at.desc())
+                    .offset(max_rows)
+                    .limit(1)
+                ).scalar()
+                if cutoff is not None:
+                    deleted += conn.execute(
+                        delete(predictions).where(labelled, predictions.c.labelled_at <= cutoff)
+                    ).rowcount
         return int(deleted)
 
     # -- drift checks ------------------------------------------------------------------------------

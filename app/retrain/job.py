@@ -1,9 +1,13 @@
 """One guarded retrain, in its own process: ``python -m app.retrain.job JOB_ID --trigger TRIGGER``.
 
 Data: the base corpus's fit split plus every labelled feedback row outside the feedback holdout. Feedback
-carries ``SENTIMENT_RETRAIN_FEEDBACK_WEIGHT`` of the total weight, and within each source both labels
-weigh the same: feedback from a new domain is rarely balanced (clothing reviews are 88 % positive) and
-would otherwise teach the majority label.
+carries ``SENTIMENT_RETRAIN_FEEDBACK_WEIGHT`` of the total weight. Within it, each feedback token (the
+"source" a label records) weighs its share of the feedback rows, but at most
+``SENTIMENT_RETRAIN_MAX_SOURCE_SHARE`` when several sent labels (:func:`source_shares`), so one token
+cannot outvote the others by sending more. Within each source both labels weigh the same: feedback from
+a new domain is rarely balanced (clothing reviews are 88 % positive) and would otherwise teach the
+majority label. The labels of a purged token (``python -m app.cli feedback purge``) are gone from the
+log, so no retrain sees them.
 
 Gate: the candidate and the current model are scored on the same held-out data, the base corpus's
 holdout and the feedback holdout (a fixed hash of the prediction id puts a row there for good), by
@@ -31,8 +35,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,7 @@ from numpy.typing import NDArray
 from sklearn.metrics import balanced_accuracy_score
 
 from app.errors import CurrentVersionChangedError
+from app.migrations import require_current
 from app.ml.data import CORPORA, LABELS, Corpus, fingerprint_rows
 from app.ml.drift_reference import DriftReference, build_reference
 from app.ml.model import SentimentModel, build_model
@@ -103,6 +108,66 @@ def group_weights(groups: list[tuple[NDArray[np.int64], float]]) -> NDArray[np.f
     return np.concatenate(weights)
 
 
+def source_shares(rows: Mapping[str, int], cap: float) -> dict[str, float]:
+    """Each source's share of the feedback weight, from its number of ``rows``: a lone source gets it all;
+    among several, each gets its share of the rows but at most ``cap``.
+
+    What a capped source gives up goes to the others in proportion to their rows, and a source lifted past
+    ``cap`` by that is capped in turn (water-filling), so shares always add up to 1 and a capped source
+    gets exactly ``cap``: with two sources sending 900 and 100 rows and cap 0.5, both get 0.5 (not 0.83
+    and 0.17, which capping and then renormalising would give). When every source would pass ``cap``
+    (fewer than ``1 / cap`` of them), they share equally.
+    """
+    sending = {name: n for name, n in rows.items() if n > 0}
+    if len(sending) <= 1:
+        return dict.fromkeys(sending, 1.0)
+    capped: set[str] = set()
+    while True:
+        free = [name for name in sending if name not in capped]
+        if not free:
+            return dict.fromkeys(sending, 1 / len(sending))
+        left = 1 - cap * len(capped)  # stays > 0: sources pass the cap only while the free ones hold > cap
+        free_rows = sum(sending[name] for name in free)
+        shares = {name: left * sending[name] / free_rows for name in free}
+        over = {name for name, share in shares.items() if share > cap * (1 + 1e-9)}
+        if not over:
+            return {**dict.fromkeys(capped, cap), **shares}
+        capped |= over
+
+
+def training_weights(
+    base_labels: NDArray[np.int64], feedback: Feedback, share: float, cap: float
+) -> NDArray[np.float64]:
+    """Sample weights of the base fit rows then the feedback fit rows (grouped by source, as
+    :func:`collect_feedback` orders them): feedback carries ``share`` of the weight, split between sources
+    by :func:`source_shares`, and within each source evenly between labels."""
+    sources = np.array(feedback.fit_sources, dtype=object)
+    names = sorted(set(feedback.fit_sources))
+    shares = source_shares({name: int((sources == name).sum()) for name in names}, cap)
+    groups = [(base_labels, 1 - share)]
+    groups += [(feedback.fit.labels[sources == name], share * shares[name]) for name in names]
+    return group_weights(groups)
+
+
+def source_report(feedback: Feedback, weights: NDArray[np.float64], cap: float) -> dict[str, Any]:
+    """Per feedback source: its labelled rows, fit and holdout rows, and the share of the whole training
+    weight its rows carry (and of the feedback weight); for the job record and the version card."""
+    fed = weights[len(weights) - len(feedback.fit_sources) :]
+    sources = np.array(feedback.fit_sources, dtype=object)
+    total = float(weights.sum())
+    report: dict[str, Any] = {}
+    for name in sorted({r["source"] for r in feedback.rows}):
+        weight = float(fed[sources == name].sum()) if len(sources) else 0.0
+        report[name] = {
+            "rows": sum(r["source"] == name for r in feedback.rows),
+            "fit_rows": feedback.fit_sources.count(name),
+            "holdout_rows": feedback.holdout_sources.count(name),
+            "weight_share": round(weight / total, 6),
+            "feedback_weight_share": round(weight / float(fed.sum()), 6) if fed.sum() else 0.0,
+        }
+    return {"max_source_share": cap, "sources": report}
+
+
 def balanced(model: SentimentModel, corpus: Corpus) -> float:
     return float(balanced_accuracy_score(corpus.labels, model.predict(corpus.texts)))
 
@@ -138,12 +203,16 @@ class Feedback:
 
     rows: list[dict[str, Any]]  # every labelled prediction
     new_rows: int  # labelled since the labels last tried
-    fit: Corpus
+    fit: Corpus  # rows grouped by source (sorted by name), oldest label first within each
     holdout: Corpus
+    fit_sources: tuple[str, ...]  # the source of each fit row
+    holdout_sources: tuple[str, ...]
 
-    def description(self) -> dict[str, Any]:
-        """The card's ``data.feedback`` block (``through``: the newest label this retrain tried)."""
+    def description(self, sources: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The card's ``data.feedback`` block (``through``: the newest label this retrain tried; ``sources``:
+        :func:`source_report`, which shows which feedback tokens a version was fitted on)."""
         return {
+            **(sources or {}),
             "rows": len(self.rows),
             "new_rows": self.new_rows,
             "fit_rows": len(self.fit),
@@ -168,11 +237,15 @@ def collect_feedback(
             "skipped_too_few_labels", {"new_labels": new, "needed": settings.retrain_min_labels, "tried_by": tried_by}
         )
     held = [in_feedback_holdout(r["id"], settings.retrain_feedback_holdout_fraction) for r in labelled]
+    fit = sorted((r for r, h in zip(labelled, held, strict=True) if not h), key=lambda r: str(r["source"]))
+    holdout = [r for r, h in zip(labelled, held, strict=True) if h]
     return Feedback(
         labelled,
         new,
-        corpus_of("feedback:fit", [r for r, h in zip(labelled, held, strict=True) if not h]),
-        corpus_of("feedback:holdout", [r for r, h in zip(labelled, held, strict=True) if h]),
+        corpus_of("feedback:fit", fit),
+        corpus_of("feedback:holdout", holdout),
+        tuple(r["source"] for r in fit),
+        tuple(r["source"] for r in holdout),
     )
 
 
@@ -243,7 +316,7 @@ def drift_reference_of(
 
 
 def card_data(
-    base: BaseData, fit: Corpus, holdout: Corpus, feedback: Feedback, reference_source: str
+    base: BaseData, fit: Corpus, holdout: Corpus, feedback: Feedback, reference_source: str, *, sources: dict[str, Any]
 ) -> dict[str, Any]:
     """The ``data`` block of a retrained version's card."""
     return {
@@ -254,7 +327,7 @@ def card_data(
         "holdout_fraction": base.holdout_fraction,
         "holdout_seed": base.seed,
         "drift_reference_source": reference_source,
-        "feedback": feedback.description(),
+        "feedback": feedback.description(sources),
     }
 
 
@@ -280,6 +353,7 @@ def retrain(settings: Settings, job_id: str, trigger: str, *, settle: Callable[[
     """
     registry = ModelRegistry.from_settings(settings)
     predictions = PredictionLog.from_settings(settings)
+    require_current(predictions.engine, "retrain")  # an old schema: fail (logged), as the service would
     current = registry.load_current()
     if current is None:
         raise RuntimeError("no current model to improve on")
@@ -288,8 +362,9 @@ def retrain(settings: Settings, job_id: str, trigger: str, *, settle: Callable[[
         return feedback
     base = base_data(current.metadata, settings.data_dir)
     fit = joined(f"{base.name}{FEEDBACK_SUFFIX}:fit", base.fit, feedback.fit)
-    share = settings.retrain_feedback_weight
-    weights = group_weights([(base.fit.labels, 1 - share), (feedback.fit.labels, share)])
+    cap = settings.retrain_max_source_share
+    weights = training_weights(base.fit.labels, feedback, settings.retrain_feedback_weight, cap)
+    sources = source_report(feedback, weights, cap)
     candidate, fit_seconds = fit_candidate(current.model, fit, weights)
     gate = run_gate(candidate, current.model, base.holdout, feedback.holdout, settings.retrain_promotion_margin)
 
@@ -304,15 +379,16 @@ def retrain(settings: Settings, job_id: str, trigger: str, *, settle: Callable[[
         fit=fit,
         holdout=holdout,
         reference=reference,
-        data=card_data(base, fit, holdout, feedback, reference_source),
+        data=card_data(base, fit, holdout, feedback, reference_source, sources=sources),
         parent=current.version,
         extra={"gate": gate, "retrain": {"job_id": job_id, "trigger": trigger}, "fit_seconds": round(fit_seconds, 2)},
         stage="candidate" if promote else "rejected",
     ).version
     settle()
     if not promote:
-        return Outcome("rejected", {"gate": gate}, version.version)
-    return promote_candidate(registry, version.version, current.version, gate)
+        return Outcome("rejected", {"gate": gate, "feedback": sources}, version.version)
+    result = promote_candidate(registry, version.version, current.version, gate)
+    return replace(result, details={**result.details, "feedback": sources})
 
 
 def lower_priority() -> None:

@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 from app.main import create_app
 from app.services import Services
 from app.settings import Settings
+from tests.conftest import FEEDBACK
 
 
 def services(client: TestClient) -> Services:
@@ -28,7 +29,7 @@ def predict(client: TestClient, text: str) -> dict[str, object]:
 def test_feedback_is_stored_idempotent_and_conflicts_are_refused(client: TestClient) -> None:
     prediction = predict(client, "A dull, tedious and boring mess.")
     assert prediction["sentiment"] == "negative"
-    first = client.post("/v1/feedback", json={"prediction_id": prediction["id"], "label": "negative"})
+    first = client.post("/v1/feedback", json={"prediction_id": prediction["id"], "label": "negative"}, headers=FEEDBACK)
     assert first.status_code == 200, first.text
     assert first.json() | {"live_accuracy": None} == {
         "prediction_id": prediction["id"],
@@ -39,14 +40,14 @@ def test_feedback_is_stored_idempotent_and_conflicts_are_refused(client: TestCli
         "live_accuracy": None,
     }
     assert first.json()["live_accuracy"] == 1.0
-    again = client.post("/v1/feedback", json={"prediction_id": prediction["id"], "label": "negative"})
+    again = client.post("/v1/feedback", json={"prediction_id": prediction["id"], "label": "negative"}, headers=FEEDBACK)
     assert again.status_code == 200 and again.json()["already_recorded"] is True
-    other = client.post("/v1/feedback", json={"prediction_id": prediction["id"], "label": "positive"})
+    other = client.post("/v1/feedback", json={"prediction_id": prediction["id"], "label": "positive"}, headers=FEEDBACK)
     assert other.status_code == 409 and other.json()["error"]["code"] == "feedback_conflict"
 
 
 def test_feedback_for_an_unknown_prediction_is_404(client: TestClient) -> None:
-    response = client.post("/v1/feedback", json={"prediction_id": "0" * 32, "label": "positive"})
+    response = client.post("/v1/feedback", json={"prediction_id": "0" * 32, "label": "positive"}, headers=FEEDBACK)
     assert response.status_code == 404 and response.json()["error"]["code"] == "prediction_not_found"
 
 
@@ -60,14 +61,14 @@ def test_feedback_for_an_unknown_prediction_is_404(client: TestClient) -> None:
     ],
 )
 def test_bad_feedback_is_422(client: TestClient, body: dict[str, object]) -> None:
-    assert client.post("/v1/feedback", json=body).status_code == 422
+    assert client.post("/v1/feedback", json=body, headers=FEEDBACK).status_code == 422
 
 
 def test_feedback_updates_live_accuracy_and_the_counters(client: TestClient) -> None:
     before = REGISTRY.get_sample_value("sentiment_feedback_total", {"sentiment": "positive"}) or 0.0
     ids = [predict(client, t)["id"] for t in ("Loved every minute of it.", "A dull, tedious and boring mess.")]
     for prediction_id in ids:
-        client.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "positive"})
+        client.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "positive"}, headers=FEEDBACK)
     assert REGISTRY.get_sample_value("sentiment_feedback_total", {"sentiment": "positive"}) == before + 2
     assert REGISTRY.get_sample_value("sentiment_live_accuracy") == 0.5
 

@@ -23,6 +23,7 @@ from app.api.deps import (
     WebhooksDep,
 )
 from app.main import create_app
+from app.migrations import upgrade
 from app.ml.registry import ModelRegistry
 from app.monitoring.status import DriftStatus
 from app.services import Services
@@ -36,6 +37,7 @@ def test_health_and_readiness_with_a_model(client: TestClient, versions: list[st
 
 def test_without_a_verified_model_the_service_lives_but_is_not_ready(empty_store: ModelRegistry) -> None:
     settings = Settings(model_store=empty_store.root, state_dir=empty_store.root / "var", webhook_token="t")
+    upgrade(settings.prediction_log_url)
     with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")

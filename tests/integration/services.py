@@ -18,10 +18,14 @@ from typing import BinaryIO, TypeVar
 
 import httpx
 
+from app.migrations import upgrade
 from app.ml.registry import ModelRegistry
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
+FEEDBACK_TOKEN = "integration-feedback-token"
+"""The feedback token a started service accepts (named ``default``) unless the test gives its own."""
+FEEDBACK = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
 
 
 @dataclass
@@ -108,12 +112,15 @@ def start_service(
     workers: int = 2,
     app: str = "app.main:create_app()",
     supervised: bool = False,
+    *,
+    upgrade_database: bool = True,
     **env: str,
 ) -> Service:
     """Start gunicorn serving ``app`` and return once every worker is ready (loaded its model).
 
     ``supervised`` runs the whole service as ``scripts/serve`` does: ``app.supervisor`` with gunicorn and
-    the drift monitor. Metrics and the prediction log go to fresh folders beside ``log_path``.
+    the drift monitor. Metrics and the prediction log go to fresh folders beside ``log_path``; the log is
+    migrated to head first (``db upgrade``, as ``scripts/serve`` does) unless ``upgrade_database`` is false.
     """
     port = free_port()
     metrics_dir = log_path.parent / f"metrics-{port}"
@@ -132,6 +139,13 @@ def start_service(
         environment["SENTIMENT_MODEL_STORE"] = str(store.root)
     if not {"SENTIMENT_WEBHOOK_TOKEN", "SENTIMENT_WEBHOOK_TOKEN_FILE"} & env.keys():
         environment["SENTIMENT_WEBHOOK_TOKEN"] = "integration-webhook-token"  # the service needs one to start
+    if not {"SENTIMENT_FEEDBACK_TOKEN", "SENTIMENT_FEEDBACK_TOKEN_FILE"} & env.keys():
+        environment["SENTIMENT_FEEDBACK_TOKEN"] = FEEDBACK_TOKEN  # without one, feedback answers 401
+    if upgrade_database:
+        upgrade(
+            environment.get("SENTIMENT_DATABASE_URL")
+            or f"sqlite:///{environment['SENTIMENT_STATE_DIR']}/predictions.db"
+        )
     handle = log_path.open("wb")
     command = (
         [sys.executable, "-m", "app.supervisor"]

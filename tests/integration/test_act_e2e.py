@@ -37,6 +37,7 @@ pytestmark = pytest.mark.integration
 
 TOKEN = "e2e-webhook-token"
 ADMIN = "e2e-admin-token"
+FEEDBACK_TOKEN = "e2e-feedback-token"
 
 
 class Load:
@@ -53,6 +54,7 @@ class Load:
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
+        feedback_auth = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
         with httpx.Client(base_url=self.url, timeout=30) as client:
             i = 0
             begin = time.monotonic()
@@ -73,7 +75,9 @@ class Load:
                         self.versions.append(response.json()["model_version"])
                         if label is not None:
                             feedback = client.post(
-                                "/v1/feedback", json={"prediction_id": response.json()["id"], "label": LABELS[label]}
+                                "/v1/feedback",
+                                json={"prediction_id": response.json()["id"], "label": LABELS[label]},
+                                headers=feedback_auth,
                             )
                             self.requests += 1
                             if feedback.status_code != 200:
@@ -126,12 +130,15 @@ def test_drift_alert_retrains_promotes_and_resolves_without_a_failed_request(
     original = full_store[1]
     token_file = tmp_path / "webhook_token"
     token_file.write_text(TOKEN + "\n")
+    feedback_tokens = tmp_path / "feedback_token"
+    feedback_tokens.write_text(f"e2e-labeller:{FEEDBACK_TOKEN}\nunused:another-feedback-token\n")
     service = start_service(
         store,
         tmp_path / "service.log",
         supervised=True,
         SENTIMENT_WEBHOOK_TOKEN_FILE=str(token_file),
         SENTIMENT_ADMIN_TOKEN=ADMIN,
+        SENTIMENT_FEEDBACK_TOKEN_FILE=str(feedback_tokens),
         SENTIMENT_DRIFT_WINDOW_SIZE="200",
         SENTIMENT_DRIFT_CHECK_EVERY_PREDICTIONS="50",
         SENTIMENT_DRIFT_CHECK_INTERVAL_SECONDS="2",
@@ -191,6 +198,8 @@ def test_drift_alert_retrains_promotes_and_resolves_without_a_failed_request(
         jobs = httpx.get(f"{service.url}/v1/retrain/jobs", headers={"Authorization": f"Bearer {ADMIN}"}).json()
         assert promoted, f"no promoted version served; jobs: {jobs}"
         assert [j["outcome"] for j in jobs if j["candidate_version"] == promoted] == ["promoted"]
+        (promoting,) = [j for j in jobs if j["candidate_version"] == promoted]
+        assert list(promoting["details"]["feedback"]["sources"]) == ["e2e-labeller"]  # labels carry their token
         assert jobs[-1]["trigger"] == "alertmanager"
 
         # 4. Better on held-out tweets; the alert resolves.

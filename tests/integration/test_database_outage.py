@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, select
 
 from app.ml.registry import ModelRegistry
 from app.monitoring.prediction_log import predictions
-from tests.integration.services import Service, start_service, wait_for
+from tests.integration.services import FEEDBACK, Service, start_service, wait_for
 from tests.postgres import PostgresCluster, postgres, postgres_url  # noqa: F401  fixtures
 
 pytestmark = pytest.mark.integration
@@ -117,7 +117,10 @@ def test_a_database_outage_loses_no_prediction_and_no_logged_row(
                     assert response.status_code == 200, (name, response.text[:200])
                     slowest[name] = max(slowest[name], took)
                 response, took = _timed(
-                    "POST", f"{url}/v1/feedback", json={"prediction_id": labelled_later, "label": "positive"}
+                    "POST",
+                    f"{url}/v1/feedback",
+                    json={"prediction_id": labelled_later, "label": "positive"},
+                    headers=FEEDBACK,
                 )
                 feedback_codes.add((response.status_code, response.json()["error"]["code"]))
                 slowest["feedback"] = max(slowest["feedback"], took)
@@ -143,7 +146,9 @@ def test_a_database_outage_loses_no_prediction_and_no_logged_row(
         rows = conn.execute(select(predictions.c.id)).all()
     assert len(rows) == len(set(answered)), "a buffered row was written twice"
 
-    response = httpx.post(f"{url}/v1/feedback", json={"prediction_id": labelled_later, "label": "positive"}, timeout=10)
+    response = httpx.post(
+        f"{url}/v1/feedback", json={"prediction_id": labelled_later, "label": "positive"}, headers=FEEDBACK, timeout=10
+    )
     assert response.status_code == 200, response.text
     events = [e.get("event") for e in pg_service.logs()]
     assert "prediction_log_write_failed" in events and "prediction_log_recovered" in events

@@ -6,6 +6,7 @@ the documented schema, 405 for undocumented methods. Fixed seed and case count: 
 
 Retrains are kept out on purpose. The fuzzer holds the admin and webhook tokens (the protected operations
 are fuzzed with and without them), so ``POST /v1/retrain`` and a firing webhook would start real retrains.
+The feedback token is fuzzed the same way (feedback without it answers 401).
 The service runs with a one-day cooldown and its store's retrain state says a retrain started just now, so
 every such request answers ``202 cooldown`` without spawning anything; the test checks no job was created.
 Grafana's HMAC signature is not configured here (a generated request cannot sign its body):
@@ -35,7 +36,8 @@ pytestmark = pytest.mark.integration
 SEED = 20261201
 WEBHOOK_TOKEN = "fuzz-webhook-token-0123456789"
 ADMIN_TOKEN = "fuzz-admin-token-0123456789"
-PROTECTED = r"^/v1/(webhooks|retrain)"
+FEEDBACK_TOKEN = "fuzz-feedback-token-0123456789"
+PROTECTED = r"^/v1/(webhooks|retrain|feedback)"
 MIN_CASES = 1000
 
 
@@ -51,6 +53,7 @@ def fuzz_service(tmp_path_factory: pytest.TempPathFactory, _session_store: tuple
         workdir / "gunicorn.log",
         SENTIMENT_WEBHOOK_TOKEN=WEBHOOK_TOKEN,
         SENTIMENT_ADMIN_TOKEN=ADMIN_TOKEN,
+        SENTIMENT_FEEDBACK_TOKEN=FEEDBACK_TOKEN,
         SENTIMENT_RETRAIN_COOLDOWN_SECONDS="86400",
     )
     yield running
@@ -95,6 +98,7 @@ def test_fuzzing_webhooks_and_admin_with_credentials_finds_no_5xx_and_starts_no_
         headers_by_path={
             r"^/v1/webhooks/": {"Authorization": f"Bearer {WEBHOOK_TOKEN}"},
             r"^/v1/retrain": {"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            r"^/v1/feedback": {"Authorization": f"Bearer {FEEDBACK_TOKEN}"},
         },
     )
     run, completed = run_schemathesis(
@@ -112,6 +116,7 @@ def test_fuzzing_webhooks_and_admin_with_credentials_finds_no_5xx_and_starts_no_
     assert len(protected) == 5
     # The tokens worked: admin answers other than 401 (the job list, the cooldown), so the test is not vacuous.
     assert run.statuses["GET /v1/retrain/jobs"][200] > 0, run.statuses
+    assert set(run.statuses["POST /v1/feedback"]) - {401}, run.statuses  # past auth: 404, 422, ...
     assert run.statuses["POST /v1/retrain"][202] > 0, run.statuses
     assert run.failures == [] and run.errors == [], f"{len(run.failures)} failed checks:\n{_report(run)}"
     jobs = httpx.get(f"{fuzz_service.url}/v1/retrain/jobs", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})

@@ -82,7 +82,6 @@ def test_a_killed_retrain_frees_the_lock_leaves_no_version_and_is_marked_failed(
     try:
         # Enough real labels that the retrain trains for a while.
         log_store = PredictionLog(f"sqlite:///{Path(service.env['SENTIMENT_STATE_DIR']) / 'predictions.db'}")
-        log_store.create_tables()
         tweets = load_tweets()
         model = store.load(full_store[1])
         log_predictions(log_store, model.model, model.version, tweets.texts[:1500], tweets.labels[:1500])

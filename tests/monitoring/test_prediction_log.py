@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+from app.migrations import upgrade
 from app.monitoring.prediction_log import LabelOutcome, PredictionLog, PredictionRecorder
 from app.monitoring.spool import PredictionSpool
 from tests.postgres import postgres, postgres_url  # noqa: F401  fixtures
@@ -41,8 +42,8 @@ def row(i: int, version: str = "v1", created_at: float | None = None, sentiment:
 
 @pytest.fixture
 def store(tmp_path: Path) -> PredictionLog:
+    upgrade(f"sqlite:///{tmp_path / 'sub' / 'log.db'}")
     log = PredictionLog(f"sqlite:///{tmp_path / 'sub' / 'log.db'}")
-    log.create_tables()
     return log
 
 
@@ -89,6 +90,50 @@ def test_retention_drops_old_and_excess_unlabelled_rows_but_keeps_labels(store: 
     assert deleted == 49
     assert store.count_predictions() == 51
     assert store.get_prediction("p00000") is not None and store.get_prediction("p00049") is None
+
+
+def test_retention_bounds_labelled_rows_by_label_age_and_count(store: PredictionLog) -> None:
+    store.insert_predictions([row(i, created_at=float(i)) for i in range(10)])
+    for i in range(8):
+        store.set_label(f"p{i:05d}", "positive", now=1000.0 + i)
+    # Labels older than 5.5 s at 1007: rows 0 and 1; beyond the newest 4 labels left: rows 2 and 3.
+    deleted = store.enforce_retention(
+        max_rows=100, max_age_seconds=1e9, now=1007.0, max_labelled_rows=4, max_labelled_age_seconds=5.5
+    )
+    assert deleted == 4
+    assert [r["id"] for r in store.labelled()] == [f"p{i:05d}" for i in (4, 5, 6, 7)]
+    assert store.count_predictions() == 6  # the unlabelled rows 8 and 9 are within their own bounds
+    # Without labelled bounds, labelled rows are left alone.
+    assert store.enforce_retention(max_rows=0, max_age_seconds=1e9, now=1e6) == 2
+    assert store.count_predictions() == 4
+
+
+def test_labels_record_their_source_and_a_purge_forgets_one_source_only(store: PredictionLog) -> None:
+    store.insert_predictions([row(i) for i in range(6)])
+    for i, source in enumerate(["web", "web", "crowd", "crowd", "crowd"]):
+        store.set_label(f"p{i:05d}", "positive", now=2000.0 + i, source=source)
+    assert store.set_label("p00000", "positive", source="crowd").outcome is LabelOutcome.UNCHANGED  # first stays
+    assert {r["id"]: r["source"] for r in store.labelled()}["p00000"] == "web"
+    assert [(s["source"], s["labels"]) for s in store.label_sources()] == [("crowd", 3), ("web", 2)]
+
+    assert store.purge_labels("crowd") == 3
+    assert store.purge_labels("crowd") == 0
+    assert [(r["id"], r["source"]) for r in store.labelled()] == [("p00000", "web"), ("p00001", "web")]
+    purged = store.get_prediction("p00002")
+    assert purged is not None  # the prediction stays, unlabelled
+    assert (purged["label"], purged["labelled_at"], purged["label_source"]) == (None, None, None)
+    assert store.set_label("p00002", "negative", source="web").outcome is LabelOutcome.STORED
+
+
+def test_labels_without_a_recorded_source_count_as_legacy_and_can_be_purged(store: PredictionLog) -> None:
+    store.insert_predictions([row(i) for i in range(3)])
+    store.set_label("p00000", "positive", source="web")
+    store.set_label("p00001", "negative", source="web")
+    with store.engine.begin() as conn:  # as labelled by a release before label_source
+        conn.exec_driver_sql("UPDATE predictions SET label_source = NULL WHERE id = 'p00001'")
+    assert [r["source"] for r in store.labelled()] == ["web", "legacy"]
+    assert store.purge_labels("legacy") == 1
+    assert [r["id"] for r in store.labelled()] == ["p00000"]
 
 
 def test_drift_history_is_newest_first_and_pruned(store: PredictionLog) -> None:
@@ -154,8 +199,8 @@ def test_alert_firings_stay_claimed_only_by_a_running_or_promoting_retrain(store
     assert [j["status"] for j in store.jobs()] == ["failed", "succeeded", "succeeded"]
 
 
-def test_a_log_created_before_claims_had_a_job_gains_the_column(tmp_path: Path) -> None:
-    import sqlite3
+def test_a_log_created_before_claims_had_a_job_gains_the_column_when_adopted(tmp_path: Path) -> None:
+    """`db upgrade` adopts a log of a release before migrations: job_id is added, the claims stay."""
 
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as conn:
@@ -164,8 +209,8 @@ def test_a_log_created_before_claims_had_a_job_gains_the_column(tmp_path: Path) 
             " received_at FLOAT NOT NULL)"
         )
         conn.execute("INSERT INTO webhook_alerts VALUES ('old@t0', 'alertmanager', 1.0)")
+    upgrade(f"sqlite:///{path}")
     old = PredictionLog(f"sqlite:///{path}")
-    old.create_tables()
     old.create_job("a", "alertmanager", "SentimentDriftDetected", alerts=["new@t1"])
     assert old.unseen_alerts(["old@t0", "new@t1", "x@t2"]) == ["x@t2"]
     old.finish_job("a", "succeeded", "skipped_no_new_labels", {})
@@ -265,8 +310,8 @@ def test_the_byte_estimate_covers_what_buffered_rows_really_take(tmp_path: Path)
 def test_graceful_close_gives_up_at_its_deadline_and_counts_what_it_could_not_write(tmp_path: Path) -> None:
     """A database locked by another writer: close returns within its timeout; unspooled rows count as lost."""
     path = tmp_path / "log.db"
+    upgrade(f"sqlite:///{path}")
     locked = PredictionLog(f"sqlite:///{path}")
-    locked.create_tables()
     blocker = sqlite3.connect(path, timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")
     before = dropped("shutdown")
@@ -352,8 +397,8 @@ def test_a_live_workers_spool_is_left_alone_and_a_closed_one_is_adopted(tmp_path
 @pytest.mark.integration
 def test_a_nul_character_is_refused_by_postgresql_and_set_aside_alone(postgres_url: str) -> None:  # noqa: F811
     """PostgreSQL text cannot hold NUL: that row is rejected and counted, its batch is written."""
+    upgrade(postgres_url)
     prediction_db = PredictionLog(postgres_url)
-    prediction_db.create_tables()
     before = dropped("rejected_row")
 
     async def scenario() -> None:

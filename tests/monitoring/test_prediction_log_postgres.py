@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
+from app.migrations import upgrade
 from app.monitoring.prediction_log import LabelOutcome, PredictionLog
 from tests.monitoring.test_prediction_log import row
 from tests.postgres import PostgresCluster, postgres, postgres_url  # noqa: F401  fixtures
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def store(postgres_url: str) -> Iterator[PredictionLog]:  # noqa: F811
     log = PredictionLog(postgres_url, statement_timeout=0.5)
-    log.create_tables()
+    upgrade(postgres_url)
     yield log
     log.dispose()
 
@@ -44,10 +45,10 @@ def test_rows_windows_and_labels_round_trip(store: PredictionLog) -> None:
     assert [r["id"] for r in store.labelled()] == ["p00001", "p00100"]
 
 
-def test_create_tables_is_idempotent(store: PredictionLog) -> None:
-    """A second worker creating the tables finds them there and keeps their rows."""
+def test_upgrading_again_keeps_the_rows(store: PredictionLog) -> None:
+    """A second `db upgrade` (another release's start) finds the schema at head and keeps the rows."""
     store.insert_predictions([row(1)])
-    store.create_tables()
+    upgrade(store.url)
     assert store.count_predictions() == 1
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.migrations import upgrade
 from app.ml.data import Corpus, load_tweets
 from app.ml.registry import ModelRegistry
 from app.monitoring.prediction_log import PredictionLog
@@ -36,15 +37,23 @@ def tweets() -> Corpus:
 
 @pytest.fixture
 def prediction_log(settings: Settings) -> PredictionLog:
+    upgrade(settings.prediction_log_url)
     store = PredictionLog(settings.prediction_log_url)
-    store.create_tables()
     return store
 
 
-def add_feedback(store: PredictionLog, registry: ModelRegistry, corpus: Corpus, start: int, count: int) -> None:
-    """Log real predictions of the current model on ``corpus`` rows, then label them with the truth."""
+def add_feedback(
+    store: PredictionLog, registry: ModelRegistry, corpus: Corpus, start: int, count: int, *, source: str = "default"
+) -> None:
+    """Log real predictions of the current model on ``corpus`` rows, then label them with the truth, as sent
+    by the feedback token named ``source``."""
     model = registry.load_current()
     assert model is not None
     log_predictions(
-        store, model.model, model.version, corpus.texts[start : start + count], corpus.labels[start : start + count]
+        store,
+        model.model,
+        model.version,
+        corpus.texts[start : start + count],
+        corpus.labels[start : start + count],
+        source=source,
     )

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+import pytest
 
 from app.ml.data import Corpus
 from app.ml.registry import ModelRegistry
 from app.monitoring.prediction_log import PredictionLog
-from app.retrain.job import group_weights, in_feedback_holdout, retrain
+from app.retrain.job import (
+    Feedback,
+    JobReport,
+    corpus_of,
+    group_weights,
+    in_feedback_holdout,
+    retrain,
+    source_report,
+    source_shares,
+    training_weights,
+)
 from app.settings import Settings
 from tests.retrain.conftest import add_feedback
 
@@ -21,6 +34,58 @@ def test_group_weights_give_each_source_its_share_split_evenly_by_label() -> Non
     assert np.isclose(base_w[base == 0].sum(), base_w[base == 1].sum())
     assert np.isclose(feedback_w[feedback == 0].sum(), feedback_w[feedback == 1].sum())
     assert np.isclose(feedback_w.sum() / weights.sum(), 0.25)
+
+
+@pytest.mark.parametrize("cap", [0.5, 0.6, 0.8])
+def test_with_two_sources_the_larger_gets_exactly_the_cap(cap: float) -> None:
+    shares = source_shares({"crowd": 900, "partner": 100}, cap)
+    assert shares["crowd"] == pytest.approx(cap) and shares["partner"] == pytest.approx(1 - cap)
+
+
+def test_source_shares_follow_rows_under_the_cap_and_never_cap_a_lone_source() -> None:
+    assert source_shares({"only": 5000}, 0.1) == {"only": 1.0}
+    assert source_shares({"a": 40, "b": 60}, 0.6) == pytest.approx({"a": 0.4, "b": 0.6})  # nobody over
+    assert source_shares({"a": 0, "b": 10}, 0.5) == {"b": 1.0}  # a source without rows takes no share
+
+
+def test_weight_a_capped_source_gives_up_can_lift_another_to_the_cap() -> None:
+    # a: 0.7 of the rows is capped at 0.4; the 0.6 left goes 2:1 to b and c, which lifts b to 0.4 > cap,
+    # so b is capped too and c gets the rest.
+    shares = source_shares({"a": 700, "b": 200, "c": 100}, 0.4)
+    assert shares == pytest.approx({"a": 0.4, "b": 0.4, "c": 0.2})
+    assert sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_when_no_split_keeps_every_source_under_the_cap_they_share_equally() -> None:
+    assert source_shares({"a": 90, "b": 10}, 0.3) == pytest.approx({"a": 0.5, "b": 0.5})
+
+
+def test_training_weights_cap_a_source_and_balance_labels_within_each() -> None:
+    rows = [
+        {"id": f"c{i}", "text": f"crowd {i}", "label": "positive" if i % 4 else "negative", "source": "crowd"}
+        for i in range(300)
+    ]
+    rows += [{"id": f"p{i}", "text": f"partner {i}", "label": "negative", "source": "partner"} for i in range(100)]
+    for r in rows:
+        r["labelled_at"] = 1.0
+    fit = sorted(rows, key=lambda r: r["source"])
+    feedback = Feedback(rows, 400, corpus_of("fit", fit), corpus_of("holdout", []), tuple(r["source"] for r in fit), ())
+    base = np.array([0] * 500 + [1] * 500)
+    weights = training_weights(base, feedback, 0.25, cap=0.6)
+    assert np.isclose(weights.sum(), 1400)
+    crowd, partner = weights[1000:1300], weights[1300:]
+    assert np.isclose(crowd.sum() / weights.sum(), 0.25 * 0.6) and np.isclose(partner.sum() / weights.sum(), 0.25 * 0.4)
+    labels = feedback.fit.labels[:300]
+    assert np.isclose(crowd[labels == 0].sum(), crowd[labels == 1].sum())  # balanced within the source
+    report = source_report(feedback, weights, 0.6)
+    assert report["sources"]["crowd"] == {
+        "rows": 300,
+        "fit_rows": 300,
+        "holdout_rows": 0,
+        "weight_share": 0.15,
+        "feedback_weight_share": 0.6,
+    }
+    assert report["sources"]["partner"]["weight_share"] == pytest.approx(0.1)
 
 
 def test_feedback_holdout_membership_is_fixed_and_about_the_fraction() -> None:
@@ -84,3 +149,44 @@ def test_a_candidate_that_is_not_better_is_registered_as_rejected(
     assert retry.outcome == "skipped_too_few_labels" and retry.details["new_labels"] == 20
     add_feedback(prediction_log, store, flipped, 320, 100)
     assert retrain(strict, "job-4", "manual").outcome == "rejected"
+
+
+def test_the_job_record_shows_each_source_and_caps_the_larger_one(
+    store: ModelRegistry, settings: Settings, prediction_log: PredictionLog, tweets: Corpus
+) -> None:
+    """Two feedback tokens, one sending three times as many labels: it carries exactly the capped share."""
+    add_feedback(prediction_log, store, tweets, 0, 600, source="crowd")
+    add_feedback(prediction_log, store, tweets, 600, 200, source="partner")
+    capped = settings.model_copy(update={"retrain_max_source_share": 0.6, "retrain_feedback_weight": 0.25})
+    prediction_log.create_job("job-1", "manual", "test")
+    result = retrain(capped, "job-1", "manual")
+    JobReport(prediction_log, "job-1", "manual", time.perf_counter()).finished(result)
+    (job,) = prediction_log.jobs()
+    sources = job["details"]["feedback"]["sources"]
+    assert set(sources) == {"crowd", "partner"} and job["details"]["feedback"]["max_source_share"] == 0.6
+    assert sources["crowd"]["rows"] == 600 and sources["partner"]["rows"] == 200
+    assert sources["crowd"]["fit_rows"] + sources["crowd"]["holdout_rows"] == 600
+    assert sources["crowd"]["feedback_weight_share"] == pytest.approx(0.6)
+    assert sources["crowd"]["weight_share"] == pytest.approx(0.25 * 0.6)
+    assert sources["partner"]["weight_share"] == pytest.approx(0.25 * 0.4)
+    card = store.get(result.candidate_version).metadata["data"]["feedback"]  # type: ignore[arg-type]
+    assert card["sources"] == sources  # the version says which tokens it was fitted on
+
+
+def test_labels_of_a_purged_source_never_reach_a_retrain(
+    store: ModelRegistry, settings: Settings, prediction_log: PredictionLog, tweets: Corpus, rotten_tomatoes: Corpus
+) -> None:
+    flipped = Corpus("tweets_flipped", tweets.texts, 1 - tweets.labels, "")
+    add_feedback(prediction_log, store, tweets, 0, 300, source="trusted")
+    add_feedback(prediction_log, store, flipped, 300, 300, source="leaked")
+    assert prediction_log.purge_labels("leaked") == 300
+    result = retrain(settings, "job-1", "manual")
+    assert result.outcome in {"promoted", "rejected"}
+    fed = result.details["feedback"]["sources"]
+    assert list(fed) == ["trusted"] and fed["trusted"]["rows"] == 300
+    assert fed["trusted"]["fit_rows"] + fed["trusted"]["holdout_rows"] == 300
+    assert fed["trusted"]["feedback_weight_share"] == pytest.approx(1.0)  # a lone source is not capped
+    card = store.get(result.candidate_version).metadata["data"]  # type: ignore[arg-type]
+    assert card["feedback"]["rows"] == 300
+    # Fit and holdout rows together: the base corpus and the trusted labels, not one purged row.
+    assert card["rows"] == len(rotten_tomatoes) + 300

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from app.migrations import upgrade
 from app.monitoring.prediction_log import PredictionLog
 from app.retrain import launcher as launcher_module
 from app.retrain.launcher import RetrainLauncher, job_environment
@@ -84,7 +85,7 @@ def test_a_started_retrain_process_gets_no_secret(tmp_path: Path, monkeypatch: p
     _Recorded.calls = []
     predictions = PredictionLog(settings.prediction_log_url)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    predictions.create_tables()
+    upgrade(settings.prediction_log_url)
     try:
         launch = RetrainLauncher(settings.model_store, predictions, 0.0, settings.as_env()).start("manual", "test")
     finally:
