@@ -3,8 +3,10 @@
 It follows the store's current version, reads that version's latest predictions from the prediction log,
 runs the drift tests (:mod:`app.monitoring.drift`) on a timer and every N new predictions, stores each
 result in the ``drift_checks`` table and exports it as ``sentiment_drift_*`` gauges through the shared
-Prometheus multiprocess directory. It also refreshes ``sentiment_live_accuracy`` and enforces retention.
-``app.supervisor`` starts it next to gunicorn and restarts it if it dies.
+Prometheus multiprocess directory (one ``sentiment_drift_test_p_value`` label per test of the family). It
+also refreshes ``sentiment_live_accuracy`` and enforces retention. ``app.supervisor`` starts it next to
+gunicorn and restarts it if it dies; it runs at nice 19 with one compute thread (:func:`_lower_priority`).
+With ``SENTIMENT_DRIFT_BACKEND=builtin`` it never imports torch or alibi-detect.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
-import joblib
 import structlog
 
 from app.errors import SentimentServiceError
-from app.ml.drift_reference import DRIFT_ARTIFACT
+from app.migrations import DatabaseSchemaBehindError, require_current
+from app.ml.drift_reference import load_reference
 from app.ml.registry import ModelRegistry
 from app.monitoring import metrics
-from app.monitoring.drift import TESTS, DriftDetector, DriftResult
+from app.monitoring.drift import DriftDetector, DriftResult
 from app.monitoring.prediction_log import PredictionLog
 from app.settings import Settings
 
@@ -34,14 +37,12 @@ DRIFT_CHECKS_KEPT = 10_000
 RETRY_FAILED_SECONDS = 60.0
 
 
-class DriftReferenceMissingError(SentimentServiceError):
-    """The version was registered without a drift reference (trained before drift monitoring)."""
+def export(result: DriftResult, tests: Sequence[str]) -> None:
+    """Publish one check as the drift gauges (unknown values as NaN, never as a reassuring 0).
 
-    code = "drift_reference_missing"
-
-
-def export(result: DriftResult) -> None:
-    """Publish one check as the drift gauges (unknown values as NaN, never as a reassuring 0)."""
+    ``tests`` names the detector's tests (its Bonferroni family): one ``sentiment_drift_test_p_value``
+    label each, NaN until a full window is tested.
+    """
     nan = float("nan")
     metrics.DRIFT_DETECTED.set(1 if result.drift else 0)
     metrics.DRIFT_WINDOW_SIZE.set(result.window_size)
@@ -50,7 +51,7 @@ def export(result: DriftResult) -> None:
     metrics.DRIFT_THRESHOLD.set(nan if result.threshold is None else result.threshold)
     metrics.CONFIDENCE_MEAN.set(nan if result.confidence_mean is None else result.confidence_mean)
     p_values = result.details.get("p_values", {})
-    for test in TESTS:
+    for test in tests:
         metrics.DRIFT_TEST_P_VALUE.labels(test=test).set(p_values.get(test, nan))
 
 
@@ -59,9 +60,9 @@ class DriftMonitor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = ModelRegistry(settings.model_store)
-        self.store = PredictionLog(settings.prediction_log_url)
-        self.store.create_tables()
+        self.registry = ModelRegistry.from_settings(settings)
+        self.store = PredictionLog.from_settings(settings)
+        require_current(self.store.engine, "monitor")  # the schema is `db upgrade`'s to change
         self.detector: DriftDetector | None = None
         self.last_check_at = 0.0
         self.last_seen = 0.0  # created_at of the newest prediction the last check saw
@@ -69,22 +70,27 @@ class DriftMonitor:
         self.stopping = threading.Event()
         self.failed: dict[str, float] = {}  # version -> time of its last failed check
 
-    def _detector(self, version: str) -> DriftDetector:
+    def detector_for(self, version: str) -> DriftDetector:
+        """The detector of ``version``, built (model, reference, MMD engine) when the version changes."""
         if self.detector is None or self.detector.model_version != version:
-            model = self.registry.load(version)  # sha256-verified, drift.joblib included
-            if DRIFT_ARTIFACT not in model.metadata.get("artifacts", {}):
-                raise DriftReferenceMissingError(f"{version} has no {DRIFT_ARTIFACT}; retrain to monitor it")
-            reference = joblib.load(model.path / DRIFT_ARTIFACT)
+            loaded = self.registry.load(version)  # sha256 of every artifact verified, the reference's too
+            reference = load_reference(loaded)  # DriftReferenceMissingError if it has none
             self.detector = DriftDetector(
                 version,
-                model.pipeline,
+                loaded.model,
                 reference,
                 p_value=self.settings.drift_p_value,
                 permutations=self.settings.drift_permutations,
                 window_size=self.settings.drift_window_size,
+                mmd_engine=self.settings.drift_backend,
             )
             self.last_check_at, self.last_seen = 0.0, 0.0
-            log.info("drift_reference_loaded", model_version=version, reference_size=reference.size)
+            log.info(
+                "drift_reference_loaded",
+                model_version=version,
+                reference_size=reference.size,
+                drift_backend=self.settings.drift_backend,
+            )
         return self.detector
 
     def due(self, version: str, now: float) -> bool:
@@ -98,14 +104,15 @@ class DriftMonitor:
 
     def check(self, version: str) -> DriftResult:
         started = time.perf_counter()
-        detector = self._detector(version)
+        detector = self.detector_for(version)
         rows = self.store.window(self.settings.drift_window_size, version)
         result = detector.check(rows)
         self.last_check_at = time.time()
         self.last_seen = max((r["created_at"] for r in rows), default=self.last_seen)
         self.store.insert_drift_check(result.record())
-        export(result)
+        export(result, detector.names)
         metrics.DRIFT_CHECKS.labels(outcome=result.status).inc()
+        metrics.DRIFT_LAST_CHECK.set(self.last_check_at)
         metrics.DRIFT_CHECK_DURATION.observe(time.perf_counter() - started)
         log.info(
             "drift_detected" if result.drift else "drift_checked",
@@ -124,7 +131,11 @@ class DriftMonitor:
             metrics.LIVE_ACCURACY.set(accuracy)
         if now - self.last_retention >= RETENTION_EVERY_SECONDS:
             deleted = self.store.enforce_retention(
-                self.settings.retention_max_rows, self.settings.retention_max_age_hours * 3600, now
+                self.settings.retention_max_rows,
+                self.settings.retention_max_age_hours * 3600,
+                now,
+                max_labelled_rows=self.settings.retention_max_labelled_rows,
+                max_labelled_age_seconds=self.settings.retention_max_labelled_age_hours * 3600,
             )
             self.store.prune_drift_checks(DRIFT_CHECKS_KEPT)
             self.last_retention = now
@@ -170,12 +181,17 @@ class DriftMonitor:
         log.info("drift_monitor_stopped")
 
 
-def _lower_priority() -> None:
-    # The monitor shares the cores with the web workers: it yields to them (nice 19: about 1.5 % of a busy
-    # core, so checks still progress under full load, unlike SCHED_IDLE), and uses one torch thread.
-    import torch
+def _lower_priority(drift_backend: str) -> None:
+    # The monitor shares the cores with the web workers: it yields to them (nice 19: CFS weight 15 against
+    # a worker's 1024, about 1.5 % of a contended core, so checks still progress under full load, unlike
+    # SCHED_IDLE), and computes on one thread: BLAS's (the builtin engine's matrix products) and torch's.
+    from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(1)
+    threadpool_limits(1)
+    if drift_backend == "alibi-detect":  # the builtin engine must not import torch
+        import torch
+
+        torch.set_num_threads(1)
     os.nice(19)
 
 
@@ -184,8 +200,11 @@ def main() -> None:
 
     settings = Settings()
     configure_logging(settings.log_level)
-    _lower_priority()
-    monitor = DriftMonitor(settings)
+    _lower_priority(settings.drift_backend)
+    try:
+        monitor = DriftMonitor(settings)
+    except DatabaseSchemaBehindError:  # logged as database_schema_behind, with the command to run
+        raise SystemExit(2) from None
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("drift_monitor_signal", signal=signal.Signals(signum).name)

@@ -6,16 +6,18 @@ import random
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from app.ml.drift_reference import DriftReference
 from app.ml.registry import LoadedModel
-from app.monitoring.drift import TESTS, DriftDetector
+from app.monitoring.drift import TESTS, DriftDetector, DriftTest, Outcome, Window, family_names
+from app.monitoring.monitor import export
 
 WINDOW = 200
 
 
 def rows(model: LoadedModel, texts: list[str]) -> list[dict[str, Any]]:
-    proba = model.pipeline.predict_proba(texts)[:, 1]
+    proba = model.model.predict_proba(texts)[:, 1]
     return [
         {"text": t, "p_positive": float(p), "confidence": float(max(p, 1 - p))}
         for t, p in zip(texts, proba, strict=True)
@@ -24,9 +26,7 @@ def rows(model: LoadedModel, texts: list[str]) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def detector(current: LoadedModel, reference: DriftReference) -> DriftDetector:
-    return DriftDetector(
-        current.version, current.pipeline, reference, p_value=0.05, permutations=100, window_size=WINDOW
-    )
+    return DriftDetector(current.version, current.model, reference, p_value=0.05, permutations=100, window_size=WINDOW)
 
 
 def test_reference_comes_from_held_out_rows(current: LoadedModel, reference: DriftReference) -> None:
@@ -59,7 +59,7 @@ def test_clothing_reviews_are_flagged_by_every_kind_of_test(
     assert result.drift and result.status == "drift"
     assert result.score is not None and result.threshold is not None and result.score > result.threshold
     assert {"mmd", "length"} <= set(result.details["tests_rejecting"])
-    assert set(result.details["p_values"]) == set(TESTS)
+    assert set(result.details["p_values"]) == set(family_names())
 
 
 def test_a_label_prior_shift_is_flagged(
@@ -69,3 +69,57 @@ def test_a_label_prior_shift_is_flagged(
     negative_heavy = [r for r in scored if r["p_positive"] < 0.5][:WINDOW]
     result = detector.check(negative_heavy)
     assert result.drift and "label_mix" in result.details["tests_rejecting"]
+
+
+class NeverRejects(DriftTest):
+    """A test that finds nothing: enough to see what joining the family changes."""
+
+    name = "never_rejects"
+
+    def run(self, window: Window) -> Outcome:
+        return Outcome(p_value=1.0, statistic=0.0, figures={"never_rejects_window": float(window.size)})
+
+
+def test_the_bonferroni_family_is_the_list_of_tests(
+    current: LoadedModel, reference: DriftReference, clothing_texts: list[str]
+) -> None:
+    """One more test class in the list: a smaller corrected level, one more p-value and exported label."""
+    assert family_names() == ("mmd", "length", "length_tail", "confidence", "label_mix")
+    default = DriftDetector(
+        current.version, current.model, reference, p_value=0.05, permutations=20, window_size=WINDOW
+    )
+    assert default.corrected == pytest.approx(0.05 / len(TESTS)) and default.names == family_names()
+    extended = DriftDetector(
+        current.version,
+        current.model,
+        reference,
+        p_value=0.05,
+        permutations=20,
+        window_size=WINDOW,
+        tests=(*TESTS, NeverRejects),
+    )
+    assert extended.corrected == pytest.approx(0.05 / (len(TESTS) + 1))
+    result = extended.check(rows(current, clothing_texts[:WINDOW]))
+    assert result.details["corrected_threshold"] == extended.corrected
+    assert set(result.details["p_values"]) == {*family_names(), "never_rejects"}
+    assert result.details["never_rejects_window"] == WINDOW
+    export(result, extended.names)
+    assert REGISTRY.get_sample_value("sentiment_drift_test_p_value", {"test": "never_rejects"}) == 1.0
+    exported = {
+        s.labels["test"] for m in REGISTRY.collect() if m.name == "sentiment_drift_test_p_value" for s in m.samples
+    }
+    assert set(extended.names) <= exported
+
+
+def test_tests_of_a_family_need_distinct_names(current: LoadedModel, reference: DriftReference) -> None:
+    """Two tests under one name would hide a p-value from the verdict and the metrics."""
+    with pytest.raises(ValueError, match="distinct names"):
+        DriftDetector(
+            current.version,
+            current.model,
+            reference,
+            p_value=0.05,
+            permutations=20,
+            window_size=WINDOW,
+            tests=(NeverRejects, NeverRejects),
+        )

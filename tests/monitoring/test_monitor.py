@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from app.migrations import upgrade
+from app.ml.drift_reference import ARRAYS_ARTIFACT, SUMMARY_ARTIFACT
 from app.ml.registry import LoadedModel, ModelRegistry
 from app.monitoring.monitor import DriftMonitor
 from app.monitoring.prediction_log import PredictionLog
@@ -17,7 +19,7 @@ from tests.traffic import log_predictions
 
 
 def log_window(store: PredictionLog, model: LoadedModel, texts: list[str], start: float) -> None:
-    log_predictions(store, model.pipeline, model.version, texts, start=start)
+    log_predictions(store, model.model, model.version, texts, start=start)
 
 
 @pytest.fixture
@@ -29,6 +31,7 @@ def monitor(store: ModelRegistry, tmp_path: Path) -> DriftMonitor:
         drift_check_every_predictions=50,
         drift_check_interval_seconds=3600,
     )
+    upgrade(settings.prediction_log_url)
     return DriftMonitor(settings)
 
 
@@ -77,7 +80,8 @@ def test_a_version_without_reference_is_reported_not_fatal(
 
     meta_path = current.path / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    del meta["artifacts"]["drift.joblib"]
+    for artifact in (ARRAYS_ARTIFACT, SUMMARY_ARTIFACT):
+        del meta["artifacts"][artifact]
     meta_path.write_text(json.dumps(meta))
     errors_before = gauge("sentiment_drift_checks_total", {"outcome": "error"}) or 0.0
     assert monitor.step() is None and monitor.step() is None
