@@ -30,7 +30,7 @@ def _train(registry: ModelRegistry, settings: Settings, args: argparse.Namespace
             print(f"not training: {exc.message}; fix it or move it aside, then promote a version", file=sys.stderr)
             return 0
         if current:
-            print(f"model store {registry.root} already serves {current}; not training")
+            print(f"model store {registry.location} already serves {current}; not training")
             return 0
     corpus = CORPORA[args.corpus](settings.data_dir)
     result = train_and_register(
@@ -52,7 +52,7 @@ def _train(registry: ModelRegistry, settings: Settings, args: argparse.Namespace
         cv = r["cross_validation"]
         print(f"cv        {cv['folds']}-fold accuracy {cv['accuracy_mean']:.4f} +/- {cv['accuracy_std']:.4f}")
     print(f"seconds   {result.version.metadata['training_seconds']} (fit {result.version.metadata['fit_seconds']})")
-    print(f"report    {result.version.path / 'report'}")
+    print(f"report    {result.version.location}/report")
     return 0
 
 
@@ -138,9 +138,9 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app.cli", description=__doc__)
     parser.add_argument(
         "--store",
-        type=Path,
-        default=settings.model_store,
-        help="model store root (default: SENTIMENT_MODEL_STORE or ./model_store)",
+        metavar="URL",
+        help="model store: a folder, file:///path or s3://bucket/prefix (versions' rows in SENTIMENT_DATABASE_URL); "
+        "default: SENTIMENT_MODEL_STORE_URL, else SENTIMENT_MODEL_STORE or ./model_store",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train, evaluate and register a new version")
@@ -213,6 +213,15 @@ def _run(registry: ModelRegistry, settings: Settings, args: argparse.Namespace) 
     return 0
 
 
+def _store_settings(settings: Settings, store: str | None) -> Settings:
+    """``settings`` with ``--store``: a URL replaces ``SENTIMENT_MODEL_STORE_URL``, a folder is the store."""
+    if store is None:
+        return settings
+    if "://" in store:  # checked by ModelRegistry.from_settings
+        return settings.model_copy(update={"model_store_url": store})
+    return settings.model_copy(update={"model_store": Path(store), "model_store_url": None})
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     args = _parser(settings).parse_args(argv)
@@ -220,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "db":  # the database alone: no model store needed
             return _db(settings, args)
-        registry = ModelRegistry.from_settings(settings.model_copy(update={"model_store": args.store}))
-        return _run(registry, settings, args)
+        registry = ModelRegistry.from_settings(_store_settings(settings, args.store))
+        try:
+            return _run(registry, settings, args)
+        finally:
+            registry.close()
     except SentimentServiceError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1

@@ -48,7 +48,7 @@ async def _load_models(settings: Settings) -> tuple[ModelRegistry, ModelManager]
     manager = ModelManager(registry, settings.reload_interval_seconds, load_lock=settings.state_dir / "model-load.lock")
     await asyncio.to_thread(manager.sync)
     if not manager.ready:
-        log.error("model_not_ready", model_store=str(settings.model_store), hint="train one: python -m app.cli train")
+        log.error("model_not_ready", model_store=registry.location, hint="train one: python -m app.cli train")
     return registry, manager
 
 
@@ -80,6 +80,7 @@ async def build_services(settings: Settings, sources: Sequence[WebhookSource] = 
     exit: graceful shutdown writes buffered predictions before the database is closed."""
     async with contextlib.AsyncExitStack() as stack:
         registry, models = await _load_models(settings)
+        stack.callback(registry.close)  # a store in the database holds connections; closed after the watcher
         predictions = await _open_prediction_db(settings)
         stack.callback(predictions.dispose)
         recorder = PredictionRecorder.from_settings(predictions, settings)

@@ -12,6 +12,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
+import app.ml.registry_db  # noqa: F401  the model registry's tables join the metadata
 from app.monitoring.prediction_log import metadata
 from app.settings import Settings
 

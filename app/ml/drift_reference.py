@@ -155,15 +155,16 @@ def load_reference(source: Path | LoadedModel) -> DriftReference:
     a format version newer than :data:`FORMAT_VERSION` or inconsistent arrays.
     """
     if isinstance(source, LoadedModel):
-        directory, name = source.path, source.version
+        where, name = str(source.path or source.version), source.version  # no folder: in an object store
         present = set(source.metadata.get("artifacts", {}))  # what the store verified
         read: Callable[[str], bytes] = source.artifact_bytes
     else:
         directory, name = source, source.name
+        where = str(directory)
         present = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
         read = lambda artifact: (directory / artifact).read_bytes()  # noqa: E731
     if {ARRAYS_ARTIFACT, SUMMARY_ARTIFACT} <= present:
-        return _read(directory, read)
+        return _read(where, read)
     if LEGACY_ARTIFACT in present and isinstance(source, LoadedModel):
         return _read_legacy(source.artifact_bytes(LEGACY_ARTIFACT))
     if LEGACY_ARTIFACT in present:
@@ -173,12 +174,12 @@ def load_reference(source: Path | LoadedModel) -> DriftReference:
     raise DriftReferenceMissingError(f"{name} has no drift reference; retrain to monitor it")
 
 
-def _read(directory: Path, read: Callable[[str], bytes]) -> DriftReference:
+def _read(where: str, read: Callable[[str], bytes]) -> DriftReference:
     summary = json.loads(read(SUMMARY_ARTIFACT))
     version = summary.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise DriftReferenceFormatError(
-            f"{directory / SUMMARY_ARTIFACT}: format_version {version!r} is not one this release reads "
+            f"{where}/{SUMMARY_ARTIFACT}: format_version {version!r} is not one this release reads "
             f"(1 to {FORMAT_VERSION}); upgrade the service to monitor this version",
             details={"format_version": version, "supported": FORMAT_VERSION},
         )
@@ -194,7 +195,7 @@ def _read(directory: Path, read: Callable[[str], bytes]) -> DriftReference:
     for array, shape in expected.items():
         if loaded[array].shape != tuple(shape):
             raise DriftReferenceFormatError(
-                f"{directory / ARRAYS_ARTIFACT}: {array} has shape {loaded[array].shape}, expected {tuple(shape)}"
+                f"{where}/{ARRAYS_ARTIFACT}: {array} has shape {loaded[array].shape}, expected {tuple(shape)}"
             )
     return reference
 

@@ -21,6 +21,13 @@ the check is never unpickled; :meth:`LoadedModel.artifact_bytes` serves the othe
 With a signing key (``SENTIMENT_MODEL_SIGNING_KEY[_FILE]``, kept outside the store), ``metadata.json``
 carries an HMAC-SHA256 over the version name and the artifact hashes: whoever can write the store but
 not read the key cannot make a version the service loads. Loading and the watcher only read the store.
+
+Where versions live is a backend (:class:`RegistryBackend`, one per kind in :data:`BACKENDS`), chosen by
+:meth:`ModelRegistry.from_settings`: :class:`FolderBackend` (the layout above, the default) or, with
+``SENTIMENT_MODEL_STORE_URL=s3://bucket/prefix``, :class:`app.ml.registry_db.DatabaseBackend`: versions'
+rows and the current pointer in the service's SQL database (``SENTIMENT_DATABASE_URL``), the artifacts in
+an :class:`app.ml.artifact_store.ArtifactStore`. The registry itself (signatures, verification, the
+promotion rules, unpickling) is the same over both.
 """
 
 from __future__ import annotations
@@ -36,11 +43,13 @@ import secrets
 import shutil
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -54,6 +63,7 @@ from app.errors import (
 from app.ml.model import SentimentModel, load_model
 
 if TYPE_CHECKING:
+    from app.ml.artifact_store import ArtifactStore
     from app.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -74,11 +84,13 @@ ArtifactWriter = Callable[[Path], None]
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """A registered version: its name, folder and metadata (as read from ``metadata.json``)."""
+    """A registered version: its name, folder (None outside a folder store) and metadata."""
 
     version: str
-    path: Path
+    path: Path | None
     metadata: dict[str, Any]
+    location: str = ""
+    """Where its artifacts are, for people: the folder, or the object store URL of the version."""
 
     @property
     def stage(self) -> str:
@@ -92,16 +104,35 @@ class LoadedModel:
     version: str
     model: SentimentModel
     metadata: dict[str, Any]
-    path: Path
+    path: Path | None
+    artifacts: ArtifactStore | None = field(default=None, repr=False, compare=False)
+    """The object store holding the version's artifacts (None: they are in the folder ``path``)."""
 
     def artifact_bytes(self, name: str) -> bytes:
         """The bytes of artifact ``name``, read once and checked against the sha256 in this version's
         metadata (verified, and its signature checked, at load); :class:`ArtifactIntegrityError` if not."""
-        return _read_verified(self.path, self.version, self.metadata.get("artifacts", {}), name)
+        hashes = self.metadata.get("artifacts", {})
+        if self.artifacts is None:
+            if self.path is None:
+                raise ModelStoreError(f"{self.version}: loaded without a folder or an artifact store")
+            return _read_verified(self.path, self.version, hashes, name)
+        if name not in hashes:
+            raise ArtifactIntegrityError(
+                f"{self.version}: {name} is not a recorded artifact", details={"artifact": name}
+            )
+        return self.artifacts.get_artifact(self.version, name, str(hashes[name]))
 
     def read_json(self, artifact: str) -> Any:
         """An artifact of this version parsed as JSON, from verified bytes (:meth:`artifact_bytes`)."""
         return json.loads(self.artifact_bytes(artifact))
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """The current version (None: nothing promoted yet) and the earlier current ones, newest last."""
+
+    version: str | None
+    history: list[str]
 
 
 def _check_hash(version: str, name: str, expected: Any, actual: str) -> None:
@@ -167,58 +198,148 @@ def new_version_name(now: datetime | None = None) -> str:
     return f"v{now:%Y%m%dT%H%M%S}Z-{secrets.token_hex(3)}"
 
 
-class ModelRegistry:
-    """File-system model store shared by the trainer, the CLI and every web worker.
+def parse_pointer(pointer: Any, source: str) -> Pointer:
+    """A stored pointer (``{"version": str | None, "history": [str, ...]}``) checked for shape;
+    :class:`ModelStoreError` naming ``source`` if it is not of that shape."""
+    if not isinstance(pointer, dict):
+        raise ModelStoreError(f"{source} holds a JSON {type(pointer).__name__}, not an object")
+    version, history = pointer.get("version"), pointer.get("history", [])
+    if not isinstance(version, str | None) or not (
+        isinstance(history, list) and all(isinstance(v, str) for v in history)
+    ):
+        raise ModelStoreError(f"{source} is malformed: version must be a string, history a list of them")
+    return Pointer(version or None, list(history))
 
-    With ``signing_key``, registration signs versions and only versions whose signature verifies are
-    loaded or promoted; without it, signatures are neither written nor checked.
+
+# -- backends: where versions, their artifacts and the pointer live ---------------------------------------
+
+
+class RegistryChange(ABC):
+    """Reads and writes inside one of the backend's serialised changes (:meth:`RegistryBackend.change`)."""
+
+    @abstractmethod
+    def get(self, version: str) -> ModelVersion:
+        """The version as it stands inside this change."""
+
+    @abstractmethod
+    def pointer(self) -> Pointer:
+        """The current pointer inside this change."""
+
+    @abstractmethod
+    def set_pointer(self, pointer: Pointer) -> None:
+        """Replace the current pointer."""
+
+    @abstractmethod
+    def set_metadata(self, version: str, metadata: Mapping[str, Any]) -> None:
+        """Replace a version's metadata (only ``stage`` and ``signature`` change after registration)."""
+
+
+class RegistryBackend(ABC):
+    """Where a registry keeps versions' metadata, their artifacts and the current pointer.
+
+    The registry decides (signatures, the promotion rules, what is unpickled); a backend stores. Backends
+    are listed in :data:`BACKENDS`.
     """
 
-    def __init__(self, root: Path, signing_key: bytes | None = None) -> None:
-        self.root = root
-        self._signing_key = signing_key
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ModelRegistry:
-        """The store at ``SENTIMENT_MODEL_STORE`` with the key of ``SENTIMENT_MODEL_SIGNING_KEY[_FILE]``.
-
-        :class:`ModelStoreError` if the key is configured but blank, or its file lies inside the store
-        (whoever can write the store must not be able to read the key).
-        """
-        key_file = settings.model_signing_key_file
-        if key_file is not None and key_file.resolve().is_relative_to(settings.model_store.resolve()):
-            raise ModelStoreError(f"the model signing key file {key_file} must be kept outside the model store")
-        key = settings.secret("model_signing_key")
-        if key is None and (settings.model_signing_key is not None or key_file is not None):
-            # A blank key must not quietly turn signing off where an operator asked for it.
-            raise ModelStoreError("the model signing key is configured but blank")
-        return cls(settings.model_store, key.encode() if key else None)
+    kind: str
 
     @property
-    def signing(self) -> bool:
-        """True if versions are signed and only signed versions are loaded."""
-        return self._signing_key is not None
+    @abstractmethod
+    def location(self) -> str:
+        """Where the store is, for people and logs (a folder, or the database and object store)."""
+
+    @property
+    def root(self) -> Path | None:
+        """The store's folder, if it is one."""
+        return None
+
+    @property
+    def artifact_store(self) -> ArtifactStore | None:
+        """The object store a loaded version reads its artifacts from (None: from its folder)."""
+        return None
+
+    @abstractmethod
+    def get(self, version: str) -> ModelVersion:
+        """The version's metadata; :class:`VersionNotFoundError` if it is not registered."""
+
+    @abstractmethod
+    def versions(self) -> list[ModelVersion]:
+        """Every registered version, oldest first."""
+
+    @abstractmethod
+    def pointer(self) -> Pointer:
+        """The current pointer; :class:`ModelStoreError` if it cannot be read."""
+
+    @abstractmethod
+    def is_registered(self, version: str) -> bool:
+        """True if ``version`` is a registered version."""
+
+    @abstractmethod
+    def create(
+        self, version: str, artifacts: Mapping[str, ArtifactWriter], record: Callable[[dict[str, str]], dict[str, Any]]
+    ) -> ModelVersion:
+        """Store a new version: write its artifacts, then its metadata, ``record(artifact sha256 sums)``.
+
+        The version exists (is listed, can be loaded) only once all of it is stored.
+        """
+
+    @abstractmethod
+    def read_artifact(self, entry: ModelVersion, name: str, hashes: Mapping[str, str]) -> bytes:
+        """Artifact ``name``'s bytes, read once, returned only if they hash to ``hashes[name]``."""
+
+    def check_artifact(self, entry: ModelVersion, name: str, expected: str) -> None:
+        """:class:`ArtifactIntegrityError` unless artifact ``name`` hashes to ``expected``."""
+        self.read_artifact(entry, name, {name: expected})
+
+    @abstractmethod
+    def change(self) -> contextlib.AbstractContextManager[RegistryChange]:
+        """A change of the pointer or of stages, serialised with every other (a lock, a transaction)."""
+
+    def close(self) -> None:
+        """Release what the backend holds open (connections)."""
+        return None
+
+
+class FolderBackend(RegistryBackend):
+    """Versions as folders with ``metadata.json``, ``CURRENT.json`` beside them, an ``flock`` for changes."""
+
+    kind = "folder"
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def location(self) -> str:
+        return str(self._root)
 
     # -- locking -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / ".lock").open("a+") as handle:
+        self._root.mkdir(parents=True, exist_ok=True)
+        with (self._root / ".lock").open("a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def change(self) -> Iterator[RegistryChange]:
+        with self._locked():
+            yield _FolderChange(self)
+
     # -- reading -----------------------------------------------------------------------------------
     def _version_dir(self, version: str) -> Path:
         # Version names come from clients (CLI, API): refuse anything that is not a plain folder name.
         if not version or version != Path(version).name or version.startswith("."):
             raise VersionNotFoundError(f"no model version {version!r}", details={"version": version})
-        return self.root / version
+        return self._root / version
 
     def get(self, version: str) -> ModelVersion:
-        """The version's metadata; :class:`VersionNotFoundError` if it is not registered."""
         path = self._version_dir(version)
         try:
             metadata = json.loads((path / METADATA).read_text())
@@ -226,51 +347,200 @@ class ModelRegistry:
             raise VersionNotFoundError(f"no model version {version!r}", details={"version": version}) from None
         except (OSError, ValueError) as exc:
             raise ModelStoreError(f"metadata of {version!r} is unreadable: {exc}") from exc
-        return ModelVersion(version, path, metadata)
+        return ModelVersion(version, path, metadata, str(path))
 
     def versions(self) -> list[ModelVersion]:
-        """Every registered version, oldest first (names sort by creation time)."""
-        if not self.root.is_dir():
+        if not self._root.is_dir():
             return []
         found = []
-        for path in sorted(self.root.iterdir()):
+        for path in sorted(self._root.iterdir()):
             if path.is_dir() and not path.name.startswith(".") and (path / METADATA).is_file():
                 with contextlib.suppress(ModelStoreError):
                     found.append(self.get(path.name))
         return found
 
-    def _pointer(self) -> dict[str, Any]:
-        """``CURRENT.json`` as ``{"version": str | None, "history": [str, ...]}``; :class:`ModelStoreError`
-        if it is unreadable, not JSON or not of that shape."""
+    def pointer(self) -> Pointer:
+        """``CURRENT.json``; :class:`ModelStoreError` if it is unreadable, not JSON or not of that shape."""
         try:
-            pointer = json.loads((self.root / POINTER).read_text())
+            pointer = json.loads((self._root / POINTER).read_text())
         except FileNotFoundError:
-            return {"version": None, "history": []}
+            return Pointer(None, [])
         except (OSError, ValueError) as exc:
             raise ModelStoreError(f"{POINTER} is unreadable: {exc}") from exc
-        if not isinstance(pointer, dict):
-            raise ModelStoreError(f"{POINTER} holds a JSON {type(pointer).__name__}, not an object")
-        version, history = pointer.get("version"), pointer.get("history", [])
-        if not isinstance(version, str | None) or not (
-            isinstance(history, list) and all(isinstance(v, str) for v in history)
-        ):
-            raise ModelStoreError(f"{POINTER} is malformed: version must be a string, history a list of them")
-        return {"version": version or None, "history": list(history)}
+        return parse_pointer(pointer, POINTER)
+
+    def is_registered(self, version: str) -> bool:
+        try:
+            return (self._version_dir(version) / METADATA).is_file()
+        except VersionNotFoundError:
+            return False
+
+    # -- writing -----------------------------------------------------------------------------------
+    def create(
+        self, version: str, artifacts: Mapping[str, ArtifactWriter], record: Callable[[dict[str, str]], dict[str, Any]]
+    ) -> ModelVersion:
+        """Each artifact writer fills one file in a temporary folder; their sha256 sums go into
+        ``metadata.json`` and the folder is renamed into place in one step."""
+        final = self._version_dir(version)
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._prune_staging()
+        staging = Path(tempfile.mkdtemp(dir=self._root, prefix=f".staging-{version}-"))
+        try:
+            hashes: dict[str, str] = {}
+            for name, write in artifacts.items():
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write(target)
+                hashes[name] = sha256_file(target)
+                target.chmod(0o444)
+            metadata = record(hashes)
+            _write_json_atomic(staging / METADATA, metadata)
+            staging.chmod(0o755)
+            staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return ModelVersion(version, final, metadata, str(final))
+
+    def _prune_staging(self, older_than_seconds: float = 3600.0) -> None:
+        """Remove staging folders a killed writer left behind (never versions: they were not renamed)."""
+        cutoff = time.time() - older_than_seconds
+        for path in self._root.glob(".staging-*"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    shutil.rmtree(path)
+                    log.info("staging_pruned", path=path.name)
+
+    # -- artifacts ---------------------------------------------------------------------------------
+    def read_artifact(self, entry: ModelVersion, name: str, hashes: Mapping[str, str]) -> bytes:
+        return _read_verified(self._folder(entry), entry.version, hashes, name)
+
+    def check_artifact(self, entry: ModelVersion, name: str, expected: str) -> None:
+        try:
+            actual = sha256_file(self._folder(entry) / name)
+        except OSError as exc:
+            raise ArtifactIntegrityError(f"{entry.version}: artifact {name} unreadable ({exc})") from exc
+        _check_hash(entry.version, name, expected, actual)
+
+    def _folder(self, entry: ModelVersion) -> Path:
+        return entry.path if entry.path is not None else self._version_dir(entry.version)
+
+
+class _FolderChange(RegistryChange):
+    def __init__(self, backend: FolderBackend) -> None:
+        self._backend = backend
+
+    def get(self, version: str) -> ModelVersion:
+        return self._backend.get(version)
+
+    def pointer(self) -> Pointer:
+        return self._backend.pointer()
+
+    def set_pointer(self, pointer: Pointer) -> None:
+        _write_json_atomic(self._backend.root / POINTER, {"version": pointer.version, "history": pointer.history})
+
+    def set_metadata(self, version: str, metadata: Mapping[str, Any]) -> None:
+        _write_json_atomic(self._backend._version_dir(version) / METADATA, metadata)
+
+
+def _database_backend(settings: Settings) -> RegistryBackend:
+    from app.ml.registry_db import DatabaseBackend  # SQLAlchemy and the object store client: only when used
+
+    return DatabaseBackend.from_settings(settings)
+
+
+BACKENDS: dict[str, Callable[[Settings], RegistryBackend]] = {
+    "file": lambda settings: FolderBackend(_folder_of(settings)),
+    "s3": _database_backend,
+}
+"""How :meth:`ModelRegistry.from_settings` opens a store, by the scheme of ``SENTIMENT_MODEL_STORE_URL``
+(unset: ``file``, the ``SENTIMENT_MODEL_STORE`` folder)."""
+
+
+def _folder_of(settings: Settings) -> Path:
+    """The store folder: ``SENTIMENT_MODEL_STORE``, or the path of a ``file://`` store URL."""
+    if settings.model_store_url is None:
+        return settings.model_store
+    from app.ml.artifact_store import FileArtifactStore
+
+    return FileArtifactStore.from_url(settings.model_store_url, settings.state_dir, {}).root
+
+
+# -- the registry ---------------------------------------------------------------------------------------
+
+
+class ModelRegistry:
+    """The model store shared by the trainer, the CLI and every web worker, over a :class:`RegistryBackend`
+    (a folder path means :class:`FolderBackend`).
+
+    With ``signing_key``, registration signs versions and only versions whose signature verifies are
+    loaded or promoted; without it, signatures are neither written nor checked.
+    """
+
+    def __init__(self, root: Path | RegistryBackend, signing_key: bytes | None = None) -> None:
+        self.backend = root if isinstance(root, RegistryBackend) else FolderBackend(root)
+        self._signing_key = signing_key
+
+    @property
+    def root(self) -> Path | None:
+        """The store's folder (None for a store in a database and an object store)."""
+        return self.backend.root
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages."""
+        return self.backend.location
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelRegistry:
+        """The store ``SENTIMENT_MODEL_STORE_URL`` names (:data:`BACKENDS`; unset: the ``SENTIMENT_MODEL_STORE``
+        folder) with the key of ``SENTIMENT_MODEL_SIGNING_KEY[_FILE]``.
+
+        :class:`ModelStoreError` for an unsupported URL, if the key is configured but blank, or if its file
+        lies inside the store folder (whoever can write the store must not be able to read the key).
+        """
+        scheme = urlsplit(settings.model_store_url).scheme if settings.model_store_url else "file"
+        opener = BACKENDS.get(scheme)
+        if opener is None:
+            raise ModelStoreError(f"unsupported model store URL {settings.model_store_url!r}")
+        key_file = settings.model_signing_key_file
+        folder = _folder_of(settings) if scheme == "file" else None
+        if key_file is not None and folder is not None and key_file.resolve().is_relative_to(folder.resolve()):
+            raise ModelStoreError(f"the model signing key file {key_file} must be kept outside the model store")
+        key = settings.secret("model_signing_key")
+        if key is None and (settings.model_signing_key is not None or key_file is not None):
+            # A blank key must not quietly turn signing off where an operator asked for it.
+            raise ModelStoreError("the model signing key is configured but blank")
+        return cls(opener(settings), key.encode() if key else None)
+
+    def close(self) -> None:
+        """Release the backend's connections (a folder store holds none)."""
+        self.backend.close()
+
+    @property
+    def signing(self) -> bool:
+        """True if versions are signed and only signed versions are loaded."""
+        return self._signing_key is not None
+
+    # -- reading -----------------------------------------------------------------------------------
+    def get(self, version: str) -> ModelVersion:
+        """The version's metadata; :class:`VersionNotFoundError` if it is not registered."""
+        return self.backend.get(version)
+
+    def versions(self) -> list[ModelVersion]:
+        """Every registered version, oldest first (names sort by creation time)."""
+        return self.backend.versions()
 
     def current_version(self) -> str | None:
         """Name of the version the service should serve, or None if nothing was promoted yet.
 
-        :class:`ModelStoreError` if ``CURRENT.json`` is unreadable, malformed or names no registered version.
+        :class:`ModelStoreError` if the pointer is unreadable, malformed or names no registered version.
         """
-        version: str | None = self._pointer()["version"]
-        if version is None:
-            return None
-        try:
-            if (self._version_dir(version) / METADATA).is_file():
-                return version
-        except VersionNotFoundError:
-            pass
-        raise ModelStoreError(f"{POINTER} names {version!r}, which is not a registered version")
+        version = self.backend.pointer().version
+        if version is None or self.backend.is_registered(version):
+            return version
+        where = POINTER if isinstance(self.backend, FolderBackend) else "the current pointer"
+        raise ModelStoreError(f"{where} names {version!r}, which is not a registered version")
 
     # -- writing -----------------------------------------------------------------------------------
     def register(
@@ -280,71 +550,46 @@ class ModelRegistry:
         stage: Stage = "candidate",
         version: str | None = None,
     ) -> ModelVersion:
-        """Write a new immutable version and return it.
+        """Store a new immutable version and return it.
 
-        Each artifact writer fills one file in a temporary folder; their sha256 sums go into
-        ``metadata.json`` and the folder is renamed into place in one step.
+        Every artifact is stored (and hashed) before the metadata recording their sha256 sums (and, with
+        a key, the signature over them): a version is never visible half-written.
         """
         if MODEL_ARTIFACT not in artifacts:
             raise ModelStoreError(f"a version needs a {MODEL_ARTIFACT} artifact")
-        version = version or new_version_name()
-        final = self._version_dir(version)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._prune_staging()
-        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".staging-{version}-"))
-        try:
-            hashes: dict[str, str] = {}
-            for name, write in artifacts.items():
-                target = staging / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write(target)
-                hashes[name] = sha256_file(target)
-                target.chmod(0o444)
-            record = {
+        name = version or new_version_name()
+
+        def record(hashes: dict[str, str]) -> dict[str, Any]:
+            card = {
                 **metadata,
-                "version": version,
+                "version": name,
                 "stage": stage,
                 "created_at": datetime.now(UTC).isoformat(),
                 "artifacts": hashes,
             }
             if self._signing_key is not None:
-                record[SIGNATURE] = signature(self._signing_key, version, hashes)
-            _write_json_atomic(staging / METADATA, record)
-            staging.chmod(0o755)
-            staging.rename(final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        log.info("model_registered", model_version=version, stage=stage)
-        return ModelVersion(version, final, record)
+                card[SIGNATURE] = signature(self._signing_key, name, hashes)
+            return card
 
-    def _prune_staging(self, older_than_seconds: float = 3600.0) -> None:
-        """Remove staging folders a killed writer left behind (never versions: they were not renamed)."""
-        cutoff = time.time() - older_than_seconds
-        for path in self.root.glob(".staging-*"):
-            with contextlib.suppress(OSError):
-                if path.stat().st_mtime < cutoff:
-                    shutil.rmtree(path)
-                    log.info("staging_pruned", path=path.name)
-
-    def _set_stage(self, version: str, stage: Stage) -> None:
-        entry = self.get(version)
-        _write_json_atomic(entry.path / METADATA, {**entry.metadata, "stage": stage})
+        entry = self.backend.create(name, artifacts, record)
+        log.info("model_registered", model_version=name, stage=stage)
+        return entry
 
     def promote(self, version: str, expected_current: str | None = None) -> str | None:
         """Make ``version`` current; returns the version it replaced. Rejected versions are refused.
 
         With ``expected_current`` (a retrain passes the version it improved on), the promotion happens only
-        if that version is still current, checked under the store's lock: otherwise an operator promoted
-        or rolled back meanwhile and :class:`CurrentVersionChangedError` leaves their choice in place.
+        if that version is still current, checked inside the store's serialised change (its lock or
+        transaction): otherwise an operator promoted or rolled back meanwhile and
+        :class:`CurrentVersionChangedError` leaves their choice in place.
         """
-        with self._locked():
-            entry = self.get(version)
+        with self.backend.change() as change:
+            entry = change.get(version)
             if entry.stage == "rejected":
                 raise ModelStoreError(f"{version} was rejected by the promotion gate; it cannot be promoted")
             self.verify(entry)
-            pointer = self._pointer()
-            previous: str | None = pointer["version"]
+            pointer = change.pointer()
+            previous = pointer.version
             if expected_current is not None and previous != expected_current:
                 raise CurrentVersionChangedError(
                     f"{version} was not promoted: it expected {expected_current} to be current, but {previous} is",
@@ -352,45 +597,43 @@ class ModelRegistry:
                 )
             if previous == version:
                 return previous
-            history = [*pointer["history"], previous] if previous else pointer["history"]
-            _write_json_atomic(self.root / POINTER, {"version": version, "history": history})
-            self._set_stage(version, "production")
+            history = [*pointer.history, previous] if previous else pointer.history
+            change.set_pointer(Pointer(version, history))
+            _set_stage(change, version, "production")
             if previous:
                 with contextlib.suppress(VersionNotFoundError):
-                    self._set_stage(previous, "archived")
+                    _set_stage(change, previous, "archived")
         log.info("model_promoted", model_version=version, previous_version=previous)
         return previous
 
     def rollback(self) -> str:
         """Make the previously current version current again; returns it."""
-        with self._locked():
-            pointer = self._pointer()
-            history = pointer["history"]
-            if not history:
+        with self.backend.change() as change:
+            pointer = change.pointer()
+            if not pointer.history:
                 raise ModelStoreError("nothing to roll back to: no earlier version was ever current")
-            target = history[-1]
-            self.verify(self.get(target))
-            _write_json_atomic(self.root / POINTER, {"version": target, "history": history[:-1]})
-            self._set_stage(target, "production")
-            if pointer["version"]:
+            target = pointer.history[-1]
+            self.verify(change.get(target))
+            change.set_pointer(Pointer(target, pointer.history[:-1]))
+            _set_stage(change, target, "production")
+            if pointer.version:
                 with contextlib.suppress(VersionNotFoundError):
-                    self._set_stage(pointer["version"], "archived")
-        log.info("model_rolled_back", model_version=target, previous_version=pointer["version"])
-        return str(target)
+                    _set_stage(change, pointer.version, "archived")
+        log.info("model_rolled_back", model_version=target, previous_version=pointer.version)
+        return target
 
     def sign(self, version: str) -> None:
         """(Re-)sign ``version`` with the configured key, after checking its artifacts against its hashes.
 
         For adopting signing on an existing store: sign only a store you trust, since the hashes it signs
-        are the ones ``metadata.json`` holds now. :class:`ModelStoreError` without a key.
+        are the ones its metadata holds now. :class:`ModelStoreError` without a key.
         """
         if self._signing_key is None:
             raise ModelStoreError("no signing key: set SENTIMENT_MODEL_SIGNING_KEY or SENTIMENT_MODEL_SIGNING_KEY_FILE")
-        with self._locked():
-            entry = self.get(version)
+        with self.backend.change() as change:
+            entry = change.get(version)
             hashes = self._verify_hashes(entry)
-            record = {**entry.metadata, SIGNATURE: signature(self._signing_key, version, hashes)}
-            _write_json_atomic(entry.path / METADATA, record)
+            change.set_metadata(version, {**entry.metadata, SIGNATURE: signature(self._signing_key, version, hashes)})
         log.info("model_signed", model_version=version)
 
     # -- loading -----------------------------------------------------------------------------------
@@ -414,13 +657,8 @@ class ModelRegistry:
         """Every artifact's sha256 (but ``skip``'s) checked against the metadata; returns the hashes."""
         hashes = self._recorded_hashes(entry)
         for name, expected in hashes.items():
-            if name in skip:
-                continue
-            try:
-                actual = sha256_file(entry.path / name)
-            except OSError as exc:
-                raise ArtifactIntegrityError(f"{entry.version}: artifact {name} unreadable ({exc})") from exc
-            _check_hash(entry.version, name, expected, actual)
+            if name not in skip:
+                self.backend.check_artifact(entry, name, expected)
         return hashes
 
     def verify(self, entry: ModelVersion) -> None:
@@ -445,7 +683,7 @@ class ModelRegistry:
             hashes = self._recorded_hashes(entry)
             self._check_signature(entry, hashes)
             self._verify_hashes(entry, skip=frozenset({MODEL_ARTIFACT}))
-            data = _read_verified(entry.path, version, hashes, MODEL_ARTIFACT)
+            data = self.backend.read_artifact(entry, MODEL_ARTIFACT, hashes)
         except ArtifactIntegrityError as exc:
             event = "model_signature_invalid" if isinstance(exc, ModelSignatureError) else "model_integrity_failed"
             log.error(event, model_version=version, reason=exc.message)
@@ -454,9 +692,14 @@ class ModelRegistry:
         recorded = entry.metadata.get("model", {}).get("kind", model.kind)
         if recorded != model.kind:
             raise ModelStoreError(f"{version}: model.joblib holds a {model.kind!r} model, metadata says {recorded!r}")
-        return LoadedModel(version, model, entry.metadata, entry.path)
+        return LoadedModel(version, model, entry.metadata, entry.path, self.backend.artifact_store)
 
     def load_current(self) -> LoadedModel | None:
         """The current version, verified and loaded, or None if nothing was promoted yet."""
         version = self.current_version()
         return self.load(version) if version else None
+
+
+def _set_stage(change: RegistryChange, version: str, stage: Stage) -> None:
+    entry = change.get(version)
+    change.set_metadata(version, {**entry.metadata, "stage": stage})

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     inspect,
+    text,
 )
 from structlog.testing import capture_logs
 
@@ -62,6 +63,29 @@ def assert_schema_matches_the_models(url: str) -> None:
         engine.dispose()
 
 
+REGISTRY_TABLES = {"model_versions", "model_pointer"}
+
+
+def tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_the_registry_revision_creates_the_pointer_row_nothing_promoted(url: str) -> None:
+    """The model registry's pointer has its one row from the start (promotions lock it), naming no version."""
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT id, version, history FROM model_pointer")).all()
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in rows] == [(1, None, "[]")]
+
+
 def columns(url: str, table: str) -> set[str]:
     engine = create_engine(url)
     try:
@@ -79,18 +103,18 @@ def test_an_empty_database_migrates_to_head_and_matches_the_models(url: str) -> 
     assert again.current == state.current
 
 
-def test_the_latest_revision_downgrades_and_upgrades_again_keeping_the_rows(url: str) -> None:
-    """Rolling a release back: one step down drops its column (its data only), one step up restores it."""
+def test_revisions_downgrade_and_upgrade_again_keeping_the_rows(url: str) -> None:
+    """Rolling releases back: down to the baseline drops what later revisions added (their data only: the
+    label_source column, the model registry's tables), up again restores it."""
     upgrade(url)
     log = PredictionLog(url)
     log.insert_predictions([row(1), row(2)])
     log.set_label("p00001", "positive", source="web")
     log.dispose()
-    previous = migrations.revisions()[-2]
-    assert migrations.downgrade(url, "-1").current == previous
-    assert "label_source" not in columns(url, "predictions")
+    assert migrations.downgrade(url, BASELINE).current == BASELINE
+    assert "label_source" not in columns(url, "predictions") and not tables(url) & REGISTRY_TABLES
     assert upgrade(url).up_to_date
-    assert "label_source" in columns(url, "predictions")
+    assert "label_source" in columns(url, "predictions") and tables(url) >= REGISTRY_TABLES
     log = PredictionLog(url)
     assert log.count_predictions() == 2 and log.get_prediction("p00001")["label"] == "positive"  # type: ignore[index]
     log.dispose()
