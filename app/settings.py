@@ -74,10 +74,11 @@ class Settings(BaseSettings):
     model_store_url: str | None = Field(
         None,
         pattern=r"^(file|s3)://",
-        description="Where model artifacts live (app/ml/artifact_store.py): `file:///path` (a folder) or "
-        "`s3://bucket/prefix` (an S3-compatible object store reached through `AWS_ENDPOINT_URL_S3`, "
-        "`AWS_ACCESS_KEY_ID[_FILE]`, `AWS_SECRET_ACCESS_KEY[_FILE]` and `AWS_REGION`, default `us-east-1`); "
-        "unset: the `SENTIMENT_MODEL_STORE` folder.",
+        description="Where the model store lives: `file:///path` (a folder, as `SENTIMENT_MODEL_STORE`) or "
+        "`s3://bucket/prefix`: artifacts in an S3-compatible object store (app/ml/artifact_store.py) reached "
+        "through `AWS_ENDPOINT_URL_S3`, `AWS_ACCESS_KEY_ID[_FILE]`, `AWS_SECRET_ACCESS_KEY[_FILE]` and "
+        "`AWS_REGION` (default `us-east-1`), versions' records and the current pointer in the "
+        "`SENTIMENT_DATABASE_URL` database (app/ml/registry_db.py); unset: the `SENTIMENT_MODEL_STORE` folder.",
     )
     model_cache_dir: Path | None = Field(
         None,
@@ -206,6 +207,17 @@ class Settings(BaseSettings):
     )
     drift_status_refresh_seconds: PositiveFloat = Field(
         1.0, description="How often each worker refreshes the drift summary it adds to predictions."
+    )
+    monitor_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of the drift monitor's own `/metrics` (every process's metrics in "
+        "`PROMETHEUS_MULTIPROC_DIR`), for a monitor run as its own process or pod; unset: none, as under "
+        "`app.supervisor`, where the web service's `/metrics` already merges the monitor's.",
+    )
+    monitor_metrics_host: str = Field(
+        "127.0.0.1", description="Address the drift monitor's `/metrics` binds to (0.0.0.0 in containers)."
     )
 
     # Alert webhooks and retraining

@@ -9,12 +9,11 @@ from fastapi import APIRouter, Depends, Query, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.api.deps import DriftStatusDep, FeedbackDep, JsonBody, PredictionsDep, SettingsDep
+from app.api.deps import DriftStatusDep, FeedbackDep, JsonBody, LauncherDep, PredictionsDep
 from app.api.schemas import DriftOut, ErrorOut, FeedbackIn, FeedbackOut
 from app.errors import StorageUnavailableError
 from app.monitoring.metrics import RetrainLockCollector, render
 from app.monitoring.status import utc
-from app.retrain.launcher import retrain_running
 
 router = APIRouter(tags=["monitoring"])
 
@@ -68,7 +67,7 @@ async def feedback(
 
 
 @router.get("/metrics", include_in_schema=False)
-async def prometheus_metrics(settings: SettingsDep) -> Response:
-    lock = RetrainLockCollector(lambda: retrain_running(settings.model_store))
+async def prometheus_metrics(launcher: LauncherDep) -> Response:
+    lock = RetrainLockCollector(launcher.in_progress)
     payload, content_type = await asyncio.to_thread(render, lock)
     return Response(payload, media_type=content_type)

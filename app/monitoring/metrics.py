@@ -22,6 +22,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -160,6 +161,17 @@ DRIFT_LAST_CHECK = Gauge(
 DRIFT_CHECK_DURATION = Histogram(
     "sentiment_drift_check_duration_seconds", "Duration of one drift check.", buckets=CHECK_BUCKETS
 )
+# "liveall": one sample per live monitor process (a ``pid`` label), so two monitors writing one directory
+# (or a leader and a demoted one) stay distinct; a dead one's sample goes with its process (mark_process_dead,
+# compaction, a wiped directory), so a killed leader never lingers as a second 1. Across pods,
+# sum(sentiment_drift_monitor_leader) is the number of leaders: 1. The ``lock`` label keeps processes that
+# only import this module (web workers) from writing a 0 sample as an unlabelled gauge would.
+DRIFT_MONITOR_LEADER = Gauge(
+    "sentiment_drift_monitor_leader",
+    "1 while this drift monitor process holds the leader lock and checks, 0 while it waits to take over.",
+    ["lock"],
+    multiprocess_mode="liveall",
+)
 
 # Written by the retrain process. "In progress" is read from the retrain lock at scrape time
 # (RetrainLockCollector), so a killed retrain can never leave it stuck at 1.
@@ -201,14 +213,20 @@ def initialise_counters() -> None:
 
 
 class RetrainLockCollector(Collector):
-    """``sentiment_retrain_in_progress``: 1 while a process holds the store's retrain lock."""
+    """``sentiment_retrain_in_progress``: 1 while a process holds the retrain lock (the store's flock, or
+    PostgreSQL's advisory lock). No sample while the lock cannot be read (the database is down): the other
+    metrics still get scraped, and a missing sample is not a wrong one."""
 
     def __init__(self, probe: Callable[[], bool]) -> None:
         self.probe = probe
 
     def collect(self) -> Iterable[Metric]:
+        try:
+            running = self.probe()
+        except Exception:  # any failure to read the lock leaves the series out, never the scrape
+            return
         yield GaugeMetricFamily(
-            "sentiment_retrain_in_progress", "1 while a retrain runs (holds the retrain lock).", value=int(self.probe())
+            "sentiment_retrain_in_progress", "1 while a retrain runs (holds the retrain lock).", value=int(running)
         )
 
 
@@ -228,6 +246,28 @@ def render(extra: Collector | None = None) -> tuple[bytes, str]:
         exposition.register_collector(registry, directory)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY) + generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _DirectoryScrape(Collector):
+    """Every process's metrics from the multiprocess directory, read afresh on each scrape (as :func:`render`)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        registry = CollectorRegistry()
+        exposition.register_collector(registry, self.directory)
+        return registry.collect()
+
+
+def serve(port: int, host: str) -> None:
+    """Serve :func:`render`'s metrics at ``http://host:port/metrics`` from a daemon thread: the drift monitor's
+    own endpoint where no web service merges its files (its own pod). Raises ``OSError`` if the port is taken.
+
+    Compacting dead processes' files on a scrape is safe here: the server runs in the process that writes
+    them, so it shares their pid namespace (unlike a sidecar container)."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    start_http_server(port, addr=host, registry=_DirectoryScrape(directory) if directory else REGISTRY)
 
 
 def mark_process_dead(pid: int) -> None:

@@ -1,12 +1,17 @@
 """The drift monitor: one process per service, off the request path (``python -m app.monitoring.monitor``).
 
+Every instance may run one; of all the monitors sharing a prediction database only the leader, the holder of
+:mod:`app.monitoring.leader`'s lock, checks and enforces retention. The others wait and retry the lock every
+``FOLLOWER_RETRY_SECONDS``, so one takes over within seconds of the leader's death.
+
 It follows the store's current version, reads that version's latest predictions from the prediction log,
 runs the drift tests (:mod:`app.monitoring.drift`) on a timer and every N new predictions, stores each
 result in the ``drift_checks`` table and exports it as ``sentiment_drift_*`` gauges through the shared
 Prometheus multiprocess directory (one ``sentiment_drift_test_p_value`` label per test of the family). It
 also refreshes ``sentiment_live_accuracy`` and enforces retention. ``app.supervisor`` starts it next to
 gunicorn and restarts it if it dies; it runs at nice 19 with one compute thread (:func:`_lower_priority`).
-With ``SENTIMENT_DRIFT_BACKEND=builtin`` it never imports torch or alibi-detect.
+With ``SENTIMENT_DRIFT_BACKEND=builtin`` it never imports torch or alibi-detect. Run as its own process (its
+own pod) it serves every process's metrics on ``SENTIMENT_MONITOR_METRICS_PORT``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from app.ml.drift_reference import load_reference
 from app.ml.registry import ModelRegistry
 from app.monitoring import metrics
 from app.monitoring.drift import DriftDetector, DriftResult
+from app.monitoring.leader import LeaderLock
 from app.monitoring.prediction_log import PredictionLog
 from app.settings import Settings
 
@@ -35,6 +41,7 @@ POLL_SECONDS = 1.0
 RETENTION_EVERY_SECONDS = 300.0
 DRIFT_CHECKS_KEPT = 10_000
 RETRY_FAILED_SECONDS = 60.0
+FOLLOWER_RETRY_SECONDS = 2.0  # a follower's lock attempts: takeover within this of the leader's lock being freed
 
 
 def export(result: DriftResult, tests: Sequence[str]) -> None:
@@ -55,11 +62,32 @@ def export(result: DriftResult, tests: Sequence[str]) -> None:
         metrics.DRIFT_TEST_P_VALUE.labels(test=test).set(p_values.get(test, nan))
 
 
+def export_unknown(tests: Sequence[str]) -> None:
+    """Drift gauges as NaN: a monitor that stopped leading no longer vouches for its last check (the new
+    leader's gauges do), and a stale 1 in its pod would keep ``max(sentiment_drift_detected)`` firing."""
+    nan = float("nan")
+    for gauge in (
+        metrics.DRIFT_DETECTED,
+        metrics.DRIFT_WINDOW_SIZE,
+        metrics.DRIFT_SCORE,
+        metrics.DRIFT_P_VALUE,
+        metrics.DRIFT_THRESHOLD,
+        metrics.CONFIDENCE_MEAN,
+    ):
+        gauge.set(nan)
+    for test in tests:
+        metrics.DRIFT_TEST_P_VALUE.labels(test=test).set(nan)
+
+
 class DriftMonitor:
     """Decides when to check, runs the check, and records it everywhere it is read."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, leader_lock: LeaderLock | None = None) -> None:
         self.settings = settings
+        self.leader_lock = LeaderLock.for_settings(settings) if leader_lock is None else leader_lock
+        self.leading = False
+        self.next_attempt = 0.0  # monotonic time of a follower's next try at the leader lock
+        self.lock_failing = False  # the last try at the lock raised (logged once per outage)
         self.registry = ModelRegistry.from_settings(settings)
         self.store = PredictionLog.from_settings(settings)
         require_current(self.store.engine, "monitor")  # the schema is `db upgrade`'s to change
@@ -168,17 +196,61 @@ class DriftMonitor:
             return None
         return result
 
+    def lead(self) -> bool:
+        """Whether this monitor leads now. The leader asks its lock each cycle whether it still holds it; a
+        follower tries to take it every ``FOLLOWER_RETRY_SECONDS``. Errors make a follower, never a crash."""
+        gauge = metrics.DRIFT_MONITOR_LEADER.labels(lock=self.leader_lock.kind)
+        if self.leading:
+            try:
+                if self.leader_lock.held():
+                    return True
+                reason = "lock_gone"
+            except Exception as exc:  # its connection died: the server has freed the lock, or soon will
+                reason = str(exc).strip() or type(exc).__name__
+            self.leader_lock.release()
+            self.leading = False
+            self.next_attempt = time.monotonic() + FOLLOWER_RETRY_SECONDS
+            gauge.set(0)
+            if self.detector is not None:
+                export_unknown(self.detector.names)
+            log.warning("monitor_leader_lost", lock=self.leader_lock.kind, reason=reason)
+            return False
+        now = time.monotonic()
+        if now < self.next_attempt:
+            return False
+        self.next_attempt = now + FOLLOWER_RETRY_SECONDS
+        try:
+            self.leading = self.leader_lock.try_acquire()
+        except Exception as exc:  # the database is unreachable: stay a follower and retry
+            if not self.lock_failing:
+                log.warning("monitor_leader_lock_failed", lock=self.leader_lock.kind, reason=str(exc).strip())
+            self.lock_failing = True
+            return False
+        self.lock_failing = False
+        if self.leading:
+            # Check at once and enforce retention on the first step: the previous leader's schedule is unknown.
+            self.last_check_at, self.last_retention = 0.0, 0.0
+            gauge.set(1)
+            log.info("monitor_leader_acquired", lock=self.leader_lock.kind)
+        return self.leading
+
     def run(self) -> None:
         log.info(
             "drift_monitor_started",
             window=self.settings.drift_window_size,
             interval_seconds=self.settings.drift_check_interval_seconds,
+            leader_lock=self.leader_lock.kind,
         )
-        while not self.stopping.is_set():
-            self.step()
-            self.stopping.wait(POLL_SECONDS)
-        self.store.dispose()
-        log.info("drift_monitor_stopped")
+        metrics.DRIFT_MONITOR_LEADER.labels(lock=self.leader_lock.kind).set(0)
+        try:
+            while not self.stopping.is_set():
+                if self.lead():
+                    self.step()
+                self.stopping.wait(POLL_SECONDS)
+        finally:
+            self.leader_lock.dispose()  # a graceful stop hands over at once, not after a connection timeout
+            self.store.dispose()
+        log.info("drift_monitor_stopped", was_leader=self.leading)
 
 
 def _lower_priority(drift_backend: str) -> None:
@@ -205,6 +277,9 @@ def main() -> None:
         monitor = DriftMonitor(settings)
     except DatabaseSchemaBehindError:  # logged as database_schema_behind, with the command to run
         raise SystemExit(2) from None
+    if settings.monitor_metrics_port is not None:
+        metrics.serve(settings.monitor_metrics_port, settings.monitor_metrics_host)
+        log.info("monitor_metrics_serving", host=settings.monitor_metrics_host, port=settings.monitor_metrics_port)
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("drift_monitor_signal", signal=signal.Signals(signum).name)

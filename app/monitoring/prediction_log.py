@@ -51,8 +51,10 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    exists,
     func,
     insert,
+    literal,
     select,
     update,
 )
@@ -68,8 +70,9 @@ from app.settings import Settings
 log = structlog.get_logger(__name__)
 
 metadata = MetaData()
-"""The tables below: the schema this code needs. Only the migrations (:mod:`app.migrations`) create or change
-them: a change here needs a revision (``tests/test_migrations.py`` fails while the two differ)."""
+"""The tables below and the model registry's (:mod:`app.ml.registry_db`): the schema this code needs. Only the
+migrations (:mod:`app.migrations`) create or change them: a change here needs a revision
+(``tests/test_migrations.py`` fails while the two differ)."""
 
 predictions = Table(
     "predictions",
@@ -128,6 +131,15 @@ retrain_jobs = Table(
     Column("candidate_version", String(64), nullable=True),
     Column("details", Text, nullable=False),
     Index("ix_retrain_jobs_started", "started_at"),
+)
+# At most one job is running: the database, not a process, decides which of many concurrent starts (workers,
+# instances) records the one retrain.
+Index(
+    "uq_retrain_jobs_running",
+    retrain_jobs.c.status,
+    unique=True,
+    sqlite_where=retrain_jobs.c.status == "running",
+    postgresql_where=retrain_jobs.c.status == "running",
 )
 
 webhook_alerts = Table(
@@ -471,21 +483,46 @@ class PredictionLog:
         return [i for i in identities if i not in seen]
 
     def create_job(
-        self, job_id: str, trigger: str, reason: str, now: float | None = None, alerts: Sequence[str] = ()
-    ) -> None:
-        """Record a started job and, in the same transaction, claim the alert firings that started it."""
+        self,
+        job_id: str,
+        trigger: str,
+        reason: str,
+        now: float | None = None,
+        alerts: Sequence[str] = (),
+        *,
+        unless_started_after: float | None = None,
+    ) -> bool:
+        """Record a started job and, in the same transaction, claim the alert firings that started it.
+
+        At most one job is ``running`` (a unique index): while one is, this raises ``IntegrityError``, however
+        many processes try at once. With ``unless_started_after`` (the cooldown), nothing is recorded and this
+        returns False if some job started after that time, checked in the same statement as the insert.
+        """
         now = now or time.time()
+        row = {
+            "id": job_id,
+            "trigger": trigger,
+            "reason": reason,
+            "status": "running",
+            "started_at": now,
+            "details": "{}",
+        }
+        statement = insert(retrain_jobs).values(**row)
+        if unless_started_after is not None:
+            recent = select(retrain_jobs.c.id).where(retrain_jobs.c.started_at > unless_started_after)
+            values = select(*(literal(value, retrain_jobs.c[name].type).label(name) for name, value in row.items()))
+            statement = insert(retrain_jobs).from_select(list(row), values.where(~exists(recent)))
         with self.engine.begin() as conn:
-            conn.execute(
-                insert(retrain_jobs).values(
-                    id=job_id, trigger=trigger, reason=reason, status="running", started_at=now, details="{}"
-                )
-            )
+            conn.execute(statement)
+            # Not ``rowcount``: psycopg reports -1 for an INSERT ... SELECT.
+            if conn.execute(select(retrain_jobs.c.id).where(retrain_jobs.c.id == job_id)).first() is None:
+                return False
             for identity in alerts:
                 conn.execute(delete(webhook_alerts).where(webhook_alerts.c.identity == identity))
                 conn.execute(
                     insert(webhook_alerts).values(identity=identity, source=trigger, received_at=now, job_id=job_id)
                 )
+        return True
 
     def finish_job(
         self,
@@ -514,10 +551,14 @@ class PredictionLog:
             if outcome != "promoted":
                 conn.execute(delete(webhook_alerts).where(webhook_alerts.c.job_id == job_id))
 
-    def fail_running_jobs(self, reason: str) -> int:
-        """Mark jobs still 'running' as failed (called when no retrain holds the lock)."""
+    def fail_running_jobs(self, reason: str, *, started_before: float | None = None) -> int:
+        """Mark jobs still 'running' (that started before ``started_before``, if given) as failed (called
+        when no retrain holds the lock)."""
+        query = select(retrain_jobs.c.id).where(retrain_jobs.c.status == "running")
+        if started_before is not None:
+            query = query.where(retrain_jobs.c.started_at < started_before)
         with self.engine.begin() as conn:
-            running = [r[0] for r in conn.execute(select(retrain_jobs.c.id).where(retrain_jobs.c.status == "running"))]
+            running = [r[0] for r in conn.execute(query)]
             if not running:
                 return 0
             conn.execute(

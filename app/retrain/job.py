@@ -25,6 +25,10 @@ Operators stay in control: a candidate is promoted only if the version it improv
 (an operator's promote or rollback meanwhile wins: outcome ``superseded``), and a retrain that runs past
 ``SENTIMENT_RETRAIN_MAX_SECONDS`` records its job as failed (reason ``timeout``) and exits, which frees
 the retrain lock.
+
+The retrain lock (:mod:`app.retrain.lock`): a flock the launcher hands over, or else (PostgreSQL's advisory
+lock, or a retrain started by hand) taken here at start. A process that cannot take it records its job as
+failed (reason ``lock_held``) and exits 3 without retraining.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from app.ml.registry import LoadedModel, ModelRegistry
 from app.ml.train import split_holdout
 from app.monitoring import metrics
 from app.monitoring.prediction_log import PredictionLog
-from app.retrain.launcher import LOCK_FD_ENV, try_lock
+from app.retrain.lock import FileRetrainLock, RetrainLock
 from app.settings import Settings
 
 log = structlog.get_logger("app.retrain.job")
@@ -402,16 +406,18 @@ def lower_priority() -> None:
         os.nice(19)
 
 
-def _hold_lock(settings: Settings) -> int:
-    """The launcher hands its locked descriptor over; run by hand, the job takes the lock itself."""
-    inherited = os.environ.get(LOCK_FD_ENV)
+LOCK_HELD_EXIT_CODE = 3
+"""Exit status of a retrain process that found the retrain lock held by another."""
+
+
+def _hold_lock(settings: Settings) -> RetrainLock | None:
+    """The flock the launcher handed over; otherwise (PostgreSQL, or run by hand) the lock taken here, on this
+    process's own database session. None: another retrain holds it."""
+    inherited = FileRetrainLock.inherited(settings.model_store)
     if inherited is not None:
-        return int(inherited)
-    fd = try_lock(settings.model_store)
-    if fd is None:
-        print("another retrain is running", file=sys.stderr)
-        sys.exit(3)
-    return fd
+        return inherited
+    lock = RetrainLock.for_settings(settings)
+    return lock if lock.try_acquire() else None
 
 
 class Watchdog:
@@ -468,6 +474,12 @@ class JobReport:
     trigger: str
     started: float  # time.perf_counter() at the start
 
+    def still_running(self) -> bool:
+        """False once the job's row says it ended (the launcher gave up on a process that took too long to
+        start); True for a job without a row (run by hand)."""
+        rows = self.predictions.jobs(job_id=self.job_id)
+        return not rows or rows[0]["status"] == "running"
+
     def failed(self, error: str, **extra: Any) -> None:
         metrics.RETRAIN_TOTAL.labels(trigger=self.trigger, outcome="failed").inc()
         metrics.RETRAIN_DURATION.observe(time.perf_counter() - self.started)
@@ -505,9 +517,19 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     configure_logging(settings.log_level)
     lower_priority()
-    lock = _hold_lock(settings)
     structlog.contextvars.bind_contextvars(job_id=args.job_id)
     report = JobReport(PredictionLog.from_settings(settings), args.job_id, args.trigger, time.perf_counter())
+    lock = _hold_lock(settings)
+    if lock is None or not report.still_running():
+        # Lost the race to a retrain that still runs (its job ended, as far as the table knows), or this
+        # job was already given up on: either way another retrain may be running, so this one does not.
+        if lock is None and report.still_running():
+            log.error("retrain_failed", reason="lock_held")
+            report.failed("another retrain process holds the retrain lock", reason="lock_held")
+        if lock is not None:
+            lock.release()
+        print("another retrain is running or this job already ended", file=sys.stderr)
+        return LOCK_HELD_EXIT_CODE
     max_seconds = settings.retrain_max_seconds
     watchdog = Watchdog(max_seconds, lambda: report.timed_out(max_seconds)).start()
     log.info("retrain_running", trigger=args.trigger, max_seconds=max_seconds)
@@ -517,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         watchdog.claim()
         log.exception("retrain_failed", reason=str(exc))
         report.failed(str(exc))
-        os.close(lock)  # only after the outcome is recorded: the next retrain sees a finished job
+        lock.release()  # only after the outcome is recorded: the next retrain sees a finished job
         return 1
     watchdog.claim()
     report.finished(result)

@@ -1,19 +1,21 @@
 """Starts at most one retrain at a time, in its own process, and never within the cooldown.
 
-The guard is an exclusive ``flock`` on ``<model_store>/.retrain.lock``. The launcher takes it without
-waiting, checks the cooldown (``.retrain-state.json`` beside it), records the job and starts
-``python -m app.retrain.job`` with the locked file descriptor inherited. The launcher then closes its own
-copy: from that moment the retrain process alone holds the lock, and the kernel frees it when that
-process ends, however it ends. Every worker of every service instance sharing the model store goes
-through the same lock, so concurrent alerts start exactly one retrain.
+Three guards, all shared by every worker of every instance:
+
+- The retrain lock (:mod:`app.retrain.lock`): on SQLite the launcher takes the store's ``flock`` and the
+  retrain process inherits it; on PostgreSQL the launcher only checks the advisory lock and the retrain
+  process takes it when it starts (and records its job ``failed``, reason ``lock_held``, if it cannot).
+- The jobs table decides which request starts the retrain: at most one job row is ``running`` (a unique
+  index), so of many concurrent starts exactly one inserts its row; the others answer ``already_running``.
+- The cooldown is read from the same table, in the same statement as the insert: no job is recorded while
+  the latest one started less than ``cooldown_seconds`` ago, whatever its outcome (a firing whose retrain
+  did not promote is released, and its re-sends retry at most once per cooldown).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
-import json
 import os
 import shutil
 import subprocess
@@ -26,16 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from sqlalchemy.exc import IntegrityError
 
 from app.monitoring.prediction_log import PredictionLog
+from app.retrain.lock import CachedProbe, RetrainLock, for_database
 from app.settings import REPO_ROOT
 
 log = structlog.get_logger(__name__)
 
-LOCK_FILE = ".retrain.lock"
-STATE_FILE = ".retrain-state.json"
-LOCK_FD_ENV = "SENTIMENT_RETRAIN_LOCK_FD"
 DIED_UNREPORTED = "the retrain process ended without reporting (killed?)"
+STARTUP_GRACE_SECONDS = 120.0
+"""On PostgreSQL a retrain process takes the lock itself once it runs: until then its job is running without
+a lock holder. Only a job older than this without one has died (the worker that started it reaps it sooner)."""
 # One BLAS/OpenMP thread: a retrain must leave the second core to the web workers, not spin on it.
 SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SETTINGS_PREFIX = "SENTIMENT_"
@@ -73,33 +77,6 @@ class Launch:
     retry_after_seconds: float | None = None
 
 
-def retrain_running(store_root: Path) -> bool:
-    """True while some process holds the retrain lock."""
-    path = store_root / LOCK_FILE
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the probe's own lock, if it got one
-    return False
-
-
-def try_lock(store_root: Path) -> int | None:
-    """The retrain lock, taken without waiting: its locked descriptor, or None while another process holds it."""
-    store_root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store_root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
 @functools.cache
 def idle_priority() -> list[str]:
     """A command prefix that starts the retrain at SCHED_IDLE already, so its imports (over a second of
@@ -122,6 +99,8 @@ class RetrainLauncher:
         predictions: PredictionLog,
         cooldown_seconds: float,
         job_env: dict[str, str] | None = None,
+        *,
+        lock: RetrainLock | None = None,
     ) -> None:
         self.store_root = store_root
         self.predictions = predictions  # the prediction database also holds the retrain jobs
@@ -129,48 +108,60 @@ class RetrainLauncher:
         # The service's settings (``Settings.as_env()``), so the job reads the same model store and prediction
         # database; only the allow-listed ones reach it (``job_environment``).
         self.job_env = job_env or {}
+        self.lock = lock or for_database(predictions.url, store_root, engine=predictions.engine)
+        self.in_progress = CachedProbe(self.lock.held_elsewhere, self.lock.probe_seconds)
+        """``sentiment_retrain_in_progress``, read from the lock at scrape time."""
 
-    def _last_started(self) -> float:
-        try:
-            return float(json.loads((self.store_root / STATE_FILE).read_text())["last_started_at"])
-        except (OSError, ValueError, KeyError):
-            return 0.0
+    def _stale_before(self, now: float) -> float | None:
+        """Jobs running without a lock holder that started before this time have died (None: all of them)."""
+        return None if self.lock.hands_over else now - STARTUP_GRACE_SECONDS
 
     def reconcile(self) -> None:
         """Jobs recorded as running while nobody holds the lock died without saying so."""
-        if not retrain_running(self.store_root):
-            failed = self.predictions.fail_running_jobs(DIED_UNREPORTED)
+        if not self.lock.held_elsewhere():
+            failed = self.predictions.fail_running_jobs(DIED_UNREPORTED, started_before=self._stale_before(time.time()))
             if failed:
                 log.error("retrain_failed", reason="process died", jobs=failed)
 
+    def _not_started(self, now: float | None = None) -> Launch:
+        """Why no job was recorded: one is running (or holds the lock: ``now`` None), or the latest one
+        started within the cooldown."""
+        latest = self.predictions.jobs(limit=5)
+        running = [j["id"] for j in latest if j["status"] == "running"]
+        if running or not latest or now is None:
+            return Launch("already_running", running[0] if running else None)
+        wait = latest[0]["started_at"] + self.cooldown_seconds - now
+        return Launch("cooldown", retry_after_seconds=round(max(wait, 0.0), 1))
+
     def start(self, trigger: str, reason: str, alerts: Sequence[str] = ()) -> Launch:
         """Start a retrain unless one is running or the cooldown has not passed; it claims ``alerts``."""
-        fd = try_lock(self.store_root)
-        if fd is None:
-            running = [j["id"] for j in self.predictions.jobs(limit=5) if j["status"] == "running"]
-            return Launch("already_running", running[0] if running else None)
+        lock = self.lock.fresh()  # concurrent starts (threads of one worker) must not share a hold
+        if not (lock.try_acquire() if lock.hands_over else not lock.held_elsewhere()):
+            return self._not_started()
         try:
-            # Holding the lock: no retrain runs, so any job still marked running has died.
-            self.predictions.fail_running_jobs(DIED_UNREPORTED)
             now = time.time()
-            wait = self._last_started() + self.cooldown_seconds - now
-            if wait > 0:
-                return Launch("cooldown", retry_after_seconds=round(wait, 1))
+            # Nobody else holds the lock: a job still marked running has died (on PostgreSQL, once its
+            # process had time to take the lock).
+            self.predictions.fail_running_jobs(DIED_UNREPORTED, started_before=self._stale_before(now))
             job_id = uuid.uuid4().hex
-            self.predictions.create_job(job_id, trigger, reason, now, alerts)
-            state = self.store_root / STATE_FILE
-            tmp = state.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"last_started_at": now, "job_id": job_id}))
-            tmp.replace(state)
+            try:
+                created = self.predictions.create_job(
+                    job_id, trigger, reason, now, alerts, unless_started_after=now - self.cooldown_seconds
+                )
+            except IntegrityError:  # another request recorded the running job first
+                created = False
+            if not created:
+                return self._not_started(now)
             process = subprocess.Popen(
                 [*idle_priority(), sys.executable, "-m", "app.retrain.job", job_id, "--trigger", trigger],
                 cwd=REPO_ROOT,
-                env={**job_environment(self.job_env, os.environ), **SINGLE_THREADED, LOCK_FD_ENV: str(fd)},
-                pass_fds=(fd,),
+                env={**job_environment(self.job_env, os.environ), **SINGLE_THREADED, **lock.child_env()},
+                pass_fds=lock.child_fds(),
                 start_new_session=True,  # a worker's SIGTERM or restart does not take the retrain down
             )
         finally:
-            os.close(fd)
+            if lock.hands_over:
+                lock.release()  # the retrain process holds its inherited copy of the flock
         # Reap the child when it ends (no zombie); a crash before it reported marks the job failed.
         threading.Thread(target=self._reap, args=(process, job_id), daemon=True, name=f"reap-{job_id}").start()
         log.info("retrain_started", job_id=job_id, trigger=trigger, retrain_pid=process.pid)

@@ -2,8 +2,8 @@
 2xx, 401, 403 or 422, never a 5xx, and only the right credentials get a 2xx.
 
 In-process (``TestClient(create_app(settings))``) for speed, with a bearer token, the admin token and
-Grafana's HMAC secret over ``<timestamp>:<body>``. The store's retrain state says a retrain started just
-now and the cooldown is a day, so a request that does get through never starts a retrain.
+Grafana's HMAC secret over ``<timestamp>:<body>``. The jobs table holds a retrain that started just now
+and the cooldown is a day, so a request that does get through never starts a retrain.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from app.main import create_app
-from app.retrain.launcher import STATE_FILE
+from app.monitoring.prediction_log import PredictionLog
 from app.settings import Settings
 from tests.conftest import ADMIN_TOKEN, WEBHOOK_TOKEN
 
@@ -139,7 +139,10 @@ def hooks(settings: Settings) -> Iterator[TestClient]:
             "retrain_cooldown_seconds": 86400.0,
         }
     )
-    (signed.model_store / STATE_FILE).write_text(json.dumps({"last_started_at": time.time(), "job_id": "cooldown"}))
+    seeded = PredictionLog(signed.prediction_log_url)  # a retrain that just ended: the cooldown runs
+    seeded.create_job("cooldown", "manual", "seeded", time.time())
+    seeded.finish_job("cooldown", "succeeded", "skipped_no_new_labels", {})
+    seeded.dispose()
     with TestClient(create_app(signed), raise_server_exceptions=False) as client:
         yield client
 
@@ -256,7 +259,8 @@ def test_bearer_routes_answer_only_2xx_401_403_422_and_2xx_only_with_their_token
 
 
 def test_no_request_started_a_retrain(hooks: TestClient) -> None:
-    """Valid credentials with a firing drift alert meet the cooldown: 202 ``cooldown``, no job recorded."""
+    """Valid credentials with a firing drift alert meet the cooldown: 202 ``cooldown``, no job recorded but
+    the seeded one."""
     body = json.dumps(
         {
             "version": "4",
@@ -271,4 +275,4 @@ def test_no_request_started_a_retrain(hooks: TestClient) -> None:
     )
     assert response.status_code == 202 and response.json()["status"] == "cooldown", response.text
     jobs = hooks.get("/v1/retrain/jobs", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    assert jobs.json() == []
+    assert [job["id"] for job in jobs.json()] == ["cooldown"]

@@ -170,9 +170,14 @@ def test_the_web_pods_run_gunicorn_alone_and_the_monitor_and_retrains_their_own_
     migrate = command(main_container(named("Job", "sentiment-migrate")["spec"]["template"]["spec"]))
     assert migrate.endswith("python -m app.cli db upgrade")
     assert named("Job", "sentiment-migrate")["spec"]["template"]["spec"]["restartPolicy"] == "Never"
-    # The monitor never overlaps with its successor: one writer of drift_checks until leader election.
+    # Two monitors, one leader (app/monitoring/leader.py): a standby takes over when the leader's pod dies. They
+    # serve their own /metrics on the annotated port, as no web service merges their files.
     monitor_deployment = named("Deployment", "sentiment-monitor")["spec"]
-    assert monitor_deployment["replicas"] == 1 and monitor_deployment["strategy"]["type"] == "Recreate"
+    assert monitor_deployment["replicas"] == 2
+    monitor_pod = monitor_deployment["template"]
+    env = {e["name"]: e.get("value") for e in main_container(monitor_pod["spec"])["env"]}
+    assert env["SENTIMENT_MONITOR_METRICS_PORT"] == monitor_pod["metadata"]["annotations"]["prometheus.io/port"]
+    assert env["SENTIMENT_MONITOR_METRICS_HOST"] == "0.0.0.0"
 
 
 def test_every_process_that_writes_metrics_starts_on_an_empty_metrics_directory() -> None:

@@ -7,15 +7,14 @@ the documented schema, 405 for undocumented methods. Fixed seed and case count: 
 Retrains are kept out on purpose. The fuzzer holds the admin and webhook tokens (the protected operations
 are fuzzed with and without them), so ``POST /v1/retrain`` and a firing webhook would start real retrains.
 The feedback token is fuzzed the same way (feedback without it answers 401).
-The service runs with a one-day cooldown and its store's retrain state says a retrain started just now, so
-every such request answers ``202 cooldown`` without spawning anything; the test checks no job was created.
+The service runs with a one-day cooldown and its jobs table holds a retrain that started just now, so every
+such request answers ``202 cooldown`` without spawning anything; the test checks no job was created.
 Grafana's HMAC signature is not configured here (a generated request cannot sign its body):
 ``tests/api/test_webhook_auth_properties.py`` fuzzes the signature and timestamp headers in-process.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import pytest
 import schemathesis
 
 from app.ml.registry import ModelRegistry
-from app.retrain.launcher import STATE_FILE
+from app.monitoring.prediction_log import PredictionLog
 from tests.integration.fuzzing import CHECKS, FuzzRun, run_schemathesis, write_config
 from tests.integration.services import Service, start_service
 
@@ -39,6 +38,7 @@ ADMIN_TOKEN = "fuzz-admin-token-0123456789"
 FEEDBACK_TOKEN = "fuzz-feedback-token-0123456789"
 PROTECTED = r"^/v1/(webhooks|retrain|feedback)"
 MIN_CASES = 1000
+SEEDED_JOB = "fuzz-cooldown"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,6 @@ def fuzz_service(tmp_path_factory: pytest.TempPathFactory, _session_store: tuple
     workdir = tmp_path_factory.mktemp("fuzz")
     root = workdir / "model_store"
     shutil.copytree(_session_store[0], root)
-    (root / STATE_FILE).write_text(json.dumps({"last_started_at": time.time(), "job_id": "fuzz-cooldown"}))
     running = start_service(
         ModelRegistry(root),
         workdir / "gunicorn.log",
@@ -56,6 +55,10 @@ def fuzz_service(tmp_path_factory: pytest.TempPathFactory, _session_store: tuple
         SENTIMENT_FEEDBACK_TOKEN=FEEDBACK_TOKEN,
         SENTIMENT_RETRAIN_COOLDOWN_SECONDS="86400",
     )
+    seeded = PredictionLog(f"sqlite:///{Path(running.env['SENTIMENT_STATE_DIR']) / 'predictions.db'}")
+    seeded.create_job(SEEDED_JOB, "manual", "seeded", time.time())  # a retrain that just ended: the cooldown runs
+    seeded.finish_job(SEEDED_JOB, "succeeded", "skipped_no_new_labels", {})
+    seeded.dispose()
     yield running
     running.stop()
 
@@ -120,7 +123,7 @@ def test_fuzzing_webhooks_and_admin_with_credentials_finds_no_5xx_and_starts_no_
     assert run.statuses["POST /v1/retrain"][202] > 0, run.statuses
     assert run.failures == [] and run.errors == [], f"{len(run.failures)} failed checks:\n{_report(run)}"
     jobs = httpx.get(f"{fuzz_service.url}/v1/retrain/jobs", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    assert jobs.json() == []
+    assert [job["id"] for job in jobs.json()] == [SEEDED_JOB]
     assert not [e for e in fuzz_service.logs() if e.get("event") == "retrain_started"]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy.exc import IntegrityError
 from structlog.testing import capture_logs
 
 from app.migrations import upgrade
@@ -197,6 +198,36 @@ def test_alert_firings_stay_claimed_only_by_a_running_or_promoting_retrain(store
     assert store.fail_running_jobs("killed") == 1
     assert store.unseen_alerts(["f2@t2"]) == ["f2@t2"]
     assert [j["status"] for j in store.jobs()] == ["failed", "succeeded", "succeeded"]
+
+
+def test_at_most_one_job_runs_and_the_cooldown_is_checked_in_the_insert(store: PredictionLog) -> None:
+    """A second running job is refused by the database; ``unless_started_after`` records nothing (and claims
+    no firing) while a job started after that time, whatever its outcome."""
+    store.create_job("a", "manual", "test", now=100.0)
+    with pytest.raises(IntegrityError):
+        store.create_job("b", "manual", "test", now=101.0)
+    store.finish_job("a", "succeeded", "rejected", {})
+    assert not store.create_job("c", "grafana", "test", now=150.0, alerts=["f@t"], unless_started_after=99.0)
+    assert store.unseen_alerts(["f@t"]) == ["f@t"]
+    assert store.create_job("d", "grafana", "test", now=200.0, alerts=["f@t"], unless_started_after=100.0)
+    assert [j["id"] for j in store.jobs()] == ["d", "a"] and store.unseen_alerts(["f@t"]) == []
+
+
+def test_the_upgrade_to_one_running_job_fails_all_but_the_newest_running_job(tmp_path: Path) -> None:
+    """Older releases could leave several jobs 'running' (dead processes): the revision that allows one keeps
+    the newest running and records the others failed, so the upgrade never stops on them."""
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade(url, "b6c9eae9dc3e")
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        conn.executemany(
+            'INSERT INTO retrain_jobs (id, "trigger", reason, status, started_at, details)'
+            " VALUES (?, 'manual', 'test', 'running', ?, '{}')",
+            [("old", 1.0), ("new", 2.0)],
+        )
+    upgrade(url)
+    log = PredictionLog(url)
+    assert {j["id"]: j["status"] for j in log.jobs()} == {"old": "failed", "new": "running"}
+    log.dispose()
 
 
 def test_a_log_created_before_claims_had_a_job_gains_the_column_when_adopted(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from app.ml.data import Corpus
 from app.ml.registry import ModelRegistry
 from app.monitoring.prediction_log import PredictionLog
 from app.retrain import job
-from app.retrain.launcher import LOCK_FD_ENV, try_lock
+from app.retrain.lock import LOCK_FD_ENV, try_lock
 from app.settings import REPO_ROOT, Settings
 from tests.retrain.conftest import add_feedback
 
