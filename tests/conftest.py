@@ -27,8 +27,19 @@ FEEDBACK = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
 
 
 @pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    """Each test starts from structlog's defaults, whatever an earlier test configured."""
+def _reset_structlog(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts from structlog's defaults, whatever an earlier test configured.
+
+    Code under test (the CLI, the monitor) may configure structlog to cache loggers on first use; a
+    module logger cached in one test would ignore every later test's configuration (``capture_logs``),
+    so within tests that caching is switched off.
+    """
+    configure = structlog.configure
+
+    def configure_uncached(**kwargs: object) -> None:
+        configure(**{**kwargs, "cache_logger_on_first_use": False})  # type: ignore[arg-type]
+
+    monkeypatch.setattr(structlog, "configure", configure_uncached)
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()

@@ -21,7 +21,7 @@ from app.ml.data import load_clothing
 from app.ml.registry import ModelRegistry
 from dashboards.build import DATASOURCE, render
 from tests.conftest import ADMIN_TOKEN, WEBHOOK_TOKEN
-from tests.integration.services import REPO, Daemon, Service, start_prometheus, start_service
+from tests.integration.services import FEEDBACK, REPO, Daemon, Service, start_prometheus, start_service
 
 DASHBOARDS = REPO / "dashboards"
 PROVISIONING = DASHBOARDS / "provisioning"
@@ -147,7 +147,9 @@ def live(tmp_path_factory: pytest.TempPathFactory, small_corpus: Any) -> Iterato
         with httpx.Client(base_url=service.url, timeout=30) as client:
             ids = [client.post("/v1/predict", json={"text": t}).json()["id"] for t in small_corpus.texts[:30]]
             for prediction_id in ids[:10]:
-                client.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "positive"})
+                client.post(
+                    "/v1/feedback", json={"prediction_id": prediction_id, "label": "positive"}, headers=FEEDBACK
+                )
             client.post("/v1/predict", json={"text": ""})  # a 422 among the statuses
             client.post("/v1/predict/batch", json={"texts": load_clothing().texts[:150]})
             client.post("/v1/retrain", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
