@@ -1,6 +1,7 @@
 """Runs the service as one unit: gunicorn (the web workers) plus exactly one drift monitor.
 
-``python -m app.supervisor`` (what ``scripts/serve`` execs) starts both as child processes, restarts the
+``python -m app.supervisor`` (what ``scripts/serve`` execs) starts both as child processes (no monitor when
+``SENTIMENT_MONITORING_ENABLED`` is false: nothing is recorded for it to test), restarts the
 monitor whenever it exits (with backoff if it keeps failing, counted in ``sentiment_supervised_restarts_total``),
 forwards SIGTERM/SIGINT to both for a graceful stop, and exits with gunicorn's status when gunicorn exits.
 On Linux it is a child subreaper: a descendant whose parent died first (a retrain whose launching worker was
@@ -85,9 +86,9 @@ def reap_orphans(managed: Sequence[subprocess.Popen[bytes] | None]) -> list[tupl
 
 
 class Supervisor:
-    def __init__(self, gunicorn: Sequence[str] = GUNICORN, monitor: Sequence[str] = MONITOR) -> None:
+    def __init__(self, gunicorn: Sequence[str] = GUNICORN, monitor: Sequence[str] | None = MONITOR) -> None:
         self.gunicorn_command = list(gunicorn)
-        self.monitor_command = list(monitor)
+        self.monitor_command = list(monitor) if monitor is not None else None  # None: no drift monitor
         self.stopping = False
         self.gunicorn: subprocess.Popen[bytes] | None = None
         self.monitor: subprocess.Popen[bytes] | None = None
@@ -96,6 +97,8 @@ class Supervisor:
         self.restart_at = 0.0
 
     def start_monitor(self) -> None:
+        if self.monitor_command is None:
+            return
         self.monitor = subprocess.Popen(self.monitor_command, cwd=REPO_ROOT)
         self.monitor_started = time.monotonic()
         log.info("drift_monitor_spawned", monitor_pid=self.monitor.pid)
@@ -107,7 +110,8 @@ class Supervisor:
                 child.send_signal(signal.SIGTERM if signum != signal.SIGINT else signal.SIGINT)
 
     def watch_monitor(self) -> None:
-        assert self.monitor is not None
+        if self.monitor is None:
+            return
         code = self.monitor.poll()
         now = time.monotonic()
         if code is None:
@@ -123,6 +127,17 @@ class Supervisor:
             self.restart_at = 0.0
             SUPERVISED_RESTARTS.labels(process="monitor").inc()
             self.start_monitor()
+
+    def stop_monitor(self) -> None:
+        if self.monitor is None:
+            return
+        if self.monitor.poll() is None:
+            self.monitor.send_signal(signal.SIGTERM)
+        try:
+            self.monitor.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.monitor.kill()
+            self.monitor.wait()
 
     def reap(self) -> None:
         """Collect orphans that died (their metric files are retired, as for a dead worker)."""
@@ -141,14 +156,7 @@ class Supervisor:
                 self.watch_monitor()
             self.reap()
             time.sleep(0.2)
-        assert self.monitor is not None
-        if self.monitor.poll() is None:
-            self.monitor.send_signal(signal.SIGTERM)
-        try:
-            self.monitor.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.monitor.kill()
-            self.monitor.wait()
+        self.stop_monitor()
         self.reap()
         log.info("service_stopped", gunicorn_code=self.gunicorn.returncode)
         return self.gunicorn.returncode
@@ -167,6 +175,9 @@ def main() -> int:
     if not metrics_dir or not Path(metrics_dir).is_dir():
         log.error("metrics_dir_missing", hint=f"set {MULTIPROC_ENV} to an empty directory (scripts/serve does)")
         return 2
+    if not settings.monitoring_enabled:
+        log.info("drift_monitor_disabled", reason="SENTIMENT_MONITORING_ENABLED is false")
+        return Supervisor(monitor=None).run()
     return Supervisor().run()
 
 

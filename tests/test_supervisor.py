@@ -112,3 +112,29 @@ def test_a_drift_window_above_the_maximum_is_refused_at_start(tmp_path: Path) ->
     (refused,) = [e for e in events(result.stdout) if e["event"] == "settings_invalid"]
     assert [error["loc"] for error in refused["errors"]] == [["drift_window_size"]]
     assert "drift_monitor_spawned" not in result.stdout
+
+
+def test_with_monitoring_off_no_drift_monitor_runs(tmp_path: Path) -> None:
+    """SENTIMENT_MONITORING_ENABLED=false: the supervisor runs gunicorn alone (nothing is recorded to test)."""
+    gunicorn = [PY, "-c", "import time, sys; time.sleep(1); sys.exit(0)"]
+    run_main = (
+        "import sys\n"
+        "import app.supervisor as s\n"
+        f"s.GUNICORN = {gunicorn!r}\n"
+        "s.Supervisor.__init__.__defaults__ = (s.GUNICORN, s.MONITOR)\n"
+        "sys.exit(s.main())\n"
+    )
+    result = subprocess.run(
+        [PY, "-c", run_main],
+        cwd=REPO,
+        env={**os.environ, MULTIPROC_ENV: str(tmp_path), "SENTIMENT_MONITORING_ENABLED": "false"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    logged = [e["event"] for e in events(result.stdout)]
+    assert "drift_monitor_disabled" in logged
+    assert "drift_monitor_spawned" not in logged
+    assert "service_stopped" in logged
