@@ -96,7 +96,11 @@ async def build_services(settings: Settings, sources: Sequence[WebhookSource] = 
         ):
             stack.push_async_callback(_cancel, task)
         launcher = RetrainLauncher(
-            settings.model_store, predictions, settings.retrain_cooldown_seconds, settings.as_env()
+            settings.model_store,
+            predictions,
+            settings.retrain_cooldown_seconds,
+            settings.as_env(),
+            mode=settings.retrain_mode,
         )
         yield Services(
             settings=settings,

@@ -274,6 +274,32 @@ class Settings(BaseSettings):
         description="Longest a retrain may run: past it, the retrain process records its job as failed "
         "(reason `timeout`) and exits, which frees the retrain lock.",
     )
+    retrain_mode: Literal["spawn", "queue"] = Field(
+        "spawn",
+        description="How a retrain runs: `spawn`, the web worker that accepted the request starts it as its own "
+        "child process; `queue`, the web service only records the job as `queued` and a retrain worker "
+        "(`python -m app.retrain.worker`, its own process or pod; `app.supervisor` starts one) claims and runs it.",
+    )
+    retrain_worker_poll_seconds: PositiveFloat = Field(
+        2.0, description="How often a retrain worker looks for a queued job (and at the one it runs)."
+    )
+    retrain_worker_stop_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long a retrain worker waits for the retrain it runs to finish; past it, it "
+        "ends the retrain and puts its job back in the queue for the next worker.",
+    )
+    retrain_worker_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of a retrain worker's own `/metrics` (every process's metrics in "
+        "`PROMETHEUS_MULTIPROC_DIR`: the worker's and its retrains'), for a worker run as its own pod; unset: "
+        "none, as under `app.supervisor`, where the web service's `/metrics` already merges them.",
+    )
+    retrain_worker_metrics_host: str = Field(
+        "127.0.0.1", description="Address a retrain worker's `/metrics` binds to (0.0.0.0 in containers)."
+    )
 
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

@@ -1,4 +1,5 @@
-"""Runs the service as one unit: gunicorn (the web workers) plus exactly one drift monitor.
+"""Runs the service as one unit: gunicorn (the web workers) plus exactly one drift monitor (and, with
+``SENTIMENT_RETRAIN_MODE=queue``, one retrain worker, restarted as the monitor is).
 
 ``python -m app.supervisor`` (what ``scripts/serve`` execs) starts both as child processes (no monitor when
 ``SENTIMENT_MONITORING_ENABLED`` is false: nothing is recorded for it to test), restarts the
@@ -32,6 +33,8 @@ log = structlog.get_logger("app.supervisor")
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn_conf.py", "app.main:create_app()"]
 MONITOR = [sys.executable, "-m", "app.monitoring.monitor"]
+RETRAIN_WORKER = [sys.executable, "-m", "app.retrain.worker"]
+WORKER_STOP_SECONDS = 60.0  # past the worker's own SENTIMENT_RETRAIN_WORKER_STOP_SECONDS (default 30) to hand back
 MAX_BACKOFF_SECONDS = 30.0
 HEALTHY_AFTER_SECONDS = 60.0  # a monitor that ran this long resets the backoff
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
@@ -85,8 +88,63 @@ def reap_orphans(managed: Sequence[subprocess.Popen[bytes] | None]) -> list[tupl
         reaped.append((pid, os.waitstatus_to_exitcode(status)))
 
 
+class RestartedChild:
+    """A child process restarted with backoff whenever it exits, counted in ``sentiment_supervised_restarts_total``."""
+
+    def __init__(self, name: str, command: Sequence[str]) -> None:
+        self.name = name
+        self.command = list(command)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.backoff = 1.0
+        self.restart_at = 0.0
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, cwd=REPO_ROOT)
+        self.started = time.monotonic()
+        log.info("supervised_process_spawned", process=self.name, pid=self.process.pid)
+
+    def watch(self) -> None:
+        if self.process is None:
+            return
+        code = self.process.poll()
+        now = time.monotonic()
+        if code is None:
+            if now - self.started > HEALTHY_AFTER_SECONDS:
+                self.backoff = 1.0
+            return
+        if self.restart_at == 0.0:
+            retire_process(self.process.pid)
+            log.error("supervised_process_exited", process=self.name, pid=self.process.pid, code=code)
+            self.restart_at = now + self.backoff
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF_SECONDS)
+        elif now >= self.restart_at:
+            self.restart_at = 0.0
+            SUPERVISED_RESTARTS.labels(process=self.name).inc()
+            self.start()
+
+    def stop(self, timeout: float) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 class Supervisor:
-    def __init__(self, gunicorn: Sequence[str] = GUNICORN, monitor: Sequence[str] | None = MONITOR) -> None:
+    def __init__(
+        self,
+        gunicorn: Sequence[str] = GUNICORN,
+        monitor: Sequence[str] | None = MONITOR,
+        *,
+        retrain_worker: Sequence[str] | None = None,
+    ) -> None:
+        # None: no retrain worker (SENTIMENT_RETRAIN_MODE=spawn: a web worker starts each retrain itself)
+        self.retrain_worker = RestartedChild("retrain_worker", retrain_worker) if retrain_worker is not None else None
         self.gunicorn_command = list(gunicorn)
         self.monitor_command = list(monitor) if monitor is not None else None  # None: no drift monitor
         self.stopping = False
@@ -105,7 +163,8 @@ class Supervisor:
 
     def signal(self, signum: int, _frame: Any) -> None:
         self.stopping = True
-        for child in (self.gunicorn, self.monitor):
+        worker = self.retrain_worker.process if self.retrain_worker is not None else None
+        for child in (self.gunicorn, self.monitor, worker):
             if child is not None and child.poll() is None:
                 child.send_signal(signal.SIGTERM if signum != signal.SIGINT else signal.SIGINT)
 
@@ -141,7 +200,8 @@ class Supervisor:
 
     def reap(self) -> None:
         """Collect orphans that died (their metric files are retired, as for a dead worker)."""
-        for pid, code in reap_orphans([self.gunicorn, self.monitor]):
+        worker = self.retrain_worker.process if self.retrain_worker is not None else None
+        for pid, code in reap_orphans([self.gunicorn, self.monitor, worker]):
             retire_process(pid)
             log.info("orphan_reaped", orphan_pid=pid, code=code)
 
@@ -151,12 +211,18 @@ class Supervisor:
         become_subreaper()
         self.gunicorn = subprocess.Popen(self.gunicorn_command, cwd=REPO_ROOT)
         self.start_monitor()
+        if self.retrain_worker is not None:
+            self.retrain_worker.start()
         while self.gunicorn.poll() is None:
             if not self.stopping:
                 self.watch_monitor()
+                if self.retrain_worker is not None:
+                    self.retrain_worker.watch()
             self.reap()
             time.sleep(0.2)
         self.stop_monitor()
+        if self.retrain_worker is not None:
+            self.retrain_worker.stop(WORKER_STOP_SECONDS)
         self.reap()
         log.info("service_stopped", gunicorn_code=self.gunicorn.returncode)
         return self.gunicorn.returncode
@@ -175,10 +241,11 @@ def main() -> int:
     if not metrics_dir or not Path(metrics_dir).is_dir():
         log.error("metrics_dir_missing", hint=f"set {MULTIPROC_ENV} to an empty directory (scripts/serve does)")
         return 2
+    worker = RETRAIN_WORKER if settings.retrain_mode == "queue" else None
     if not settings.monitoring_enabled:
         log.info("drift_monitor_disabled", reason="SENTIMENT_MONITORING_ENABLED is false")
-        return Supervisor(monitor=None).run()
-    return Supervisor().run()
+        return Supervisor(monitor=None, retrain_worker=worker).run()
+    return Supervisor(retrain_worker=worker).run()
 
 
 if __name__ == "__main__":

@@ -188,7 +188,10 @@ class ErrorOut(BaseModel):
 class WebhookOut(BaseModel):
     """What a notification (or a manual retrain request) did."""
 
-    status: str = Field(description="retrain_started, already_running, cooldown, duplicate or ignored")
+    status: str = Field(
+        description="retrain_started, already_running, cooldown, duplicate or ignored; with "
+        "SENTIMENT_RETRAIN_MODE=queue, queued or already_queued instead of retrain_started and already_running"
+    )
     job_id: str | None = None
     alerts: int = Field(0, description="Alerts of the notification that matter (firing, configured name).")
     detail: str = ""
@@ -199,7 +202,7 @@ class RetrainJobOut(BaseModel):
     id: str
     trigger: str
     reason: str
-    status: str = Field(description="running, succeeded or failed")
+    status: str = Field(description="queued (waiting for a retrain worker), running, succeeded or failed")
     outcome: str | None = Field(description="promoted, rejected, skipped_no_new_labels, skipped_too_few_labels, failed")
     started_at: datetime | None
     finished_at: datetime | None

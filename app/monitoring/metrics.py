@@ -181,12 +181,18 @@ RETRAIN_OUTCOMES = ("promoted", "rejected", "superseded", "skipped_no_new_labels
 RETRAIN_DURATION = Histogram(
     "sentiment_retrain_duration_seconds", "Duration of one retrain.", buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200)
 )
+# Written by a retrain worker (app.retrain.worker) at each poll: a job that stays queued means no worker runs it.
+RETRAIN_JOBS_QUEUED = Gauge(
+    "sentiment_retrain_jobs_queued",
+    "Retrain jobs waiting for a retrain worker (SENTIMENT_RETRAIN_MODE=queue), as a live worker last read them.",
+    multiprocess_mode="livemax",
+)
 
 # Written by app.supervisor, the one process that restarts others.
 SUPERVISED_RESTARTS = Counter(
     "sentiment_supervised_restarts_total", "Restarts of a supervised process after it exited.", ["process"]
 )
-SUPERVISED_PROCESSES = ("monitor",)
+SUPERVISED_PROCESSES = ("monitor", "retrain_worker")
 
 
 def initialise_counters() -> None:

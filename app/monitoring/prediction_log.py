@@ -124,7 +124,7 @@ retrain_jobs = Table(
     Column("id", String(32), primary_key=True),
     Column("trigger", String(32), nullable=False),
     Column("reason", Text, nullable=False),
-    Column("status", String(16), nullable=False),  # running, succeeded, failed
+    Column("status", String(16), nullable=False),  # queued, running, succeeded, failed
     Column("outcome", String(32), nullable=True),  # promoted, rejected, skipped_*, failed
     Column("started_at", Float, nullable=False),
     Column("finished_at", Float, nullable=True),
@@ -140,6 +140,14 @@ Index(
     unique=True,
     sqlite_where=retrain_jobs.c.status == "running",
     postgresql_where=retrain_jobs.c.status == "running",
+)
+# At most one job waits for a retrain worker (SENTIMENT_RETRAIN_MODE=queue): concurrent requests queue one retrain.
+Index(
+    "uq_retrain_jobs_queued",
+    retrain_jobs.c.status,
+    unique=True,
+    sqlite_where=retrain_jobs.c.status == "queued",
+    postgresql_where=retrain_jobs.c.status == "queued",
 )
 
 webhook_alerts = Table(
@@ -491,19 +499,24 @@ class PredictionLog:
         alerts: Sequence[str] = (),
         *,
         unless_started_after: float | None = None,
+        status: str = "running",
     ) -> bool:
-        """Record a started job and, in the same transaction, claim the alert firings that started it.
+        """Record a started (or, with ``status="queued"``, a queued) job and, in the same transaction, claim
+        the alert firings that started it.
 
-        At most one job is ``running`` (a unique index): while one is, this raises ``IntegrityError``, however
-        many processes try at once. With ``unless_started_after`` (the cooldown), nothing is recorded and this
-        returns False if some job started after that time, checked in the same statement as the insert.
+        At most one job is ``running`` and at most one ``queued`` (unique indexes): while one is, recording
+        another raises ``IntegrityError``, however many processes try at once. With ``unless_started_after``
+        (the cooldown), nothing is recorded and this returns False if some job, queued ones included, started
+        after that time, checked in the same statement as the insert.
         """
+        if status not in ("running", "queued"):
+            raise ValueError(f"a new job is running or queued, not {status!r}")
         now = now or time.time()
         row = {
             "id": job_id,
             "trigger": trigger,
             "reason": reason,
-            "status": "running",
+            "status": status,
             "started_at": now,
             "details": "{}",
         }
@@ -550,6 +563,55 @@ class PredictionLog:
             )
             if outcome != "promoted":
                 conn.execute(delete(webhook_alerts).where(webhook_alerts.c.job_id == job_id))
+
+    def claim_job(self, now: float | None = None) -> tuple[str, str] | None:
+        """Move the oldest queued job to ``running`` (its ``started_at`` becomes now): its (id, trigger), or
+        None when none is queued or one is running already (the unique index refuses a second).
+
+        One statement: on PostgreSQL the queued row is locked with ``FOR UPDATE SKIP LOCKED``, so concurrent
+        workers never claim the same job nor wait on each other; SQLite runs one write at a time, and the
+        ``status = 'queued'`` condition makes a claim of a row another worker took a no-op.
+        """
+        oldest = (
+            select(retrain_jobs.c.id)
+            .where(retrain_jobs.c.status == "queued")
+            .order_by(retrain_jobs.c.started_at, retrain_jobs.c.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        statement = (
+            update(retrain_jobs)
+            .where(retrain_jobs.c.id == oldest, retrain_jobs.c.status == "queued")
+            .values(status="running", started_at=now or time.time())
+            .returning(retrain_jobs.c.id, retrain_jobs.c.trigger)
+        )
+        try:
+            with self.engine.begin() as conn:
+                claimed = conn.execute(statement).first()
+        except IntegrityError:  # a job is running: it goes first
+            return None
+        return None if claimed is None else (claimed[0], claimed[1])
+
+    def queued_jobs(self) -> int:
+        """How many jobs wait for a retrain worker."""
+        with self.engine.connect() as conn:
+            count = conn.execute(select(func.count()).where(retrain_jobs.c.status == "queued")).scalar()
+        return int(count or 0)
+
+    def requeue_job(self, job_id: str, reason: str) -> bool:
+        """Put a running job back in the queue (its retrain process was stopped before it ended, and is gone).
+        False if it is no longer running, or if another job was queued meanwhile: then it is failed with
+        ``reason``, as a retrain that died (the queued one will retrain on the same labels and newer)."""
+        back = update(retrain_jobs).where(retrain_jobs.c.id == job_id, retrain_jobs.c.status == "running")
+        try:
+            with self.engine.begin() as conn:
+                return bool(conn.execute(back.values(status="queued")).rowcount)
+        except IntegrityError:
+            rows = self.jobs(job_id=job_id)
+            if rows and rows[0]["status"] == "running":
+                self.finish_job(job_id, "failed", "failed", {"error": reason})
+            return False
 
     def fail_running_jobs(self, reason: str, *, started_before: float | None = None) -> int:
         """Mark jobs still 'running' (that started before ``started_before``, if given) as failed (called

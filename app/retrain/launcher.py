@@ -1,5 +1,10 @@
 """Starts at most one retrain at a time, in its own process, and never within the cooldown.
 
+``SENTIMENT_RETRAIN_MODE`` says where the retrain process runs: ``spawn`` (default), as a child of the web
+worker that accepted the request; ``queue``, the request only records the job as ``queued`` (at most one
+waits: a unique index) and a retrain worker (:mod:`app.retrain.worker`) claims it and starts the process,
+under the same lock rules (:func:`spawn_job`). The cooldown counts queued jobs too.
+
 Three guards, all shared by every worker of every instance:
 
 - The retrain lock (:mod:`app.retrain.lock`): on SQLite the launcher takes the store's ``flock`` and the
@@ -70,7 +75,8 @@ def job_environment(settings_env: Mapping[str, str], inherited: Mapping[str, str
 
 @dataclass(frozen=True)
 class Launch:
-    """What a request to retrain did: ``retrain_started``, ``already_running`` or ``cooldown``."""
+    """What a request to retrain did: ``retrain_started``, ``queued`` (queue mode), ``already_running``,
+    ``already_queued`` (queue mode: a job waits for a worker already) or ``cooldown``."""
 
     action: str
     job_id: str | None = None
@@ -92,6 +98,36 @@ def idle_priority() -> list[str]:
     return [chrt, "--idle", "0"]
 
 
+MODES = ("spawn", "queue")
+
+
+def spawn_job(job_id: str, trigger: str, job_env: Mapping[str, str], lock: RetrainLock) -> subprocess.Popen[bytes]:
+    """Start ``python -m app.retrain.job JOB_ID --trigger T`` for a job recorded as running, at idle priority
+    with one BLAS thread and only the allow-listed settings. ``lock`` is the caller's fresh handle: held
+    (SQLite: the child inherits the flock; the caller releases its own copy afterwards), or only checked
+    (PostgreSQL: the child takes the advisory lock itself)."""
+    return subprocess.Popen(
+        [*idle_priority(), sys.executable, "-m", "app.retrain.job", job_id, "--trigger", trigger],
+        cwd=REPO_ROOT,
+        env={**job_environment(job_env, os.environ), **SINGLE_THREADED, **lock.child_env()},
+        pass_fds=lock.child_fds(),
+        start_new_session=True,  # the parent's SIGTERM or restart does not take the retrain down
+    )
+
+
+def record_unreported_exit(predictions: PredictionLog, job_id: str, code: int) -> bool:
+    """A retrain process exited with ``code``: if it failed while its job is still running (killed, crashed
+    before it reported), record the job failed. Whether it did."""
+    if code == 0:
+        return False
+    jobs = predictions.jobs(job_id=job_id)
+    if not jobs or jobs[0]["status"] != "running":
+        return False
+    predictions.finish_job(job_id, "failed", "failed", {"error": f"retrain process exited {code}"})
+    log.error("retrain_failed", job_id=job_id, exit_code=code)
+    return True
+
+
 class RetrainLauncher:
     def __init__(
         self,
@@ -101,7 +137,11 @@ class RetrainLauncher:
         job_env: dict[str, str] | None = None,
         *,
         lock: RetrainLock | None = None,
+        mode: str = "spawn",
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"retrain mode {mode!r} is not one of {MODES}")
+        self.mode = mode
         self.store_root = store_root
         self.predictions = predictions  # the prediction database also holds the retrain jobs
         self.cooldown_seconds = cooldown_seconds
@@ -124,17 +164,22 @@ class RetrainLauncher:
                 log.error("retrain_failed", reason="process died", jobs=failed)
 
     def _not_started(self, now: float | None = None) -> Launch:
-        """Why no job was recorded: one is running (or holds the lock: ``now`` None), or the latest one
-        started within the cooldown."""
+        """Why no job was recorded: one is running (or holds the lock: ``now`` None), one is queued (queue
+        mode), or the latest one started within the cooldown."""
         latest = self.predictions.jobs(limit=5)
-        running = [j["id"] for j in latest if j["status"] == "running"]
-        if running or not latest or now is None:
-            return Launch("already_running", running[0] if running else None)
+        waiting = "queued" if self.mode == "queue" else "running"
+        blocking = [j["id"] for j in latest if j["status"] == waiting]
+        if blocking or not latest or now is None:
+            return Launch(f"already_{waiting}", blocking[0] if blocking else None)
         wait = latest[0]["started_at"] + self.cooldown_seconds - now
         return Launch("cooldown", retry_after_seconds=round(max(wait, 0.0), 1))
 
     def start(self, trigger: str, reason: str, alerts: Sequence[str] = ()) -> Launch:
-        """Start a retrain unless one is running or the cooldown has not passed; it claims ``alerts``."""
+        """Start a retrain unless one is running or the cooldown has not passed; it claims ``alerts``. In queue
+        mode, record it as queued for a retrain worker unless one is queued already or the cooldown has not
+        passed."""
+        if self.mode == "queue":
+            return self._enqueue(trigger, reason, alerts)
         lock = self.lock.fresh()  # concurrent starts (threads of one worker) must not share a hold
         if not (lock.try_acquire() if lock.hands_over else not lock.held_elsewhere()):
             return self._not_started()
@@ -152,13 +197,7 @@ class RetrainLauncher:
                 created = False
             if not created:
                 return self._not_started(now)
-            process = subprocess.Popen(
-                [*idle_priority(), sys.executable, "-m", "app.retrain.job", job_id, "--trigger", trigger],
-                cwd=REPO_ROOT,
-                env={**job_environment(self.job_env, os.environ), **SINGLE_THREADED, **lock.child_env()},
-                pass_fds=lock.child_fds(),
-                start_new_session=True,  # a worker's SIGTERM or restart does not take the retrain down
-            )
+            process = spawn_job(job_id, trigger, self.job_env, lock)
         finally:
             if lock.hands_over:
                 lock.release()  # the retrain process holds its inherited copy of the flock
@@ -167,11 +206,22 @@ class RetrainLauncher:
         log.info("retrain_started", job_id=job_id, trigger=trigger, retrain_pid=process.pid)
         return Launch("retrain_started", job_id)
 
+    def _enqueue(self, trigger: str, reason: str, alerts: Sequence[str]) -> Launch:
+        """Queue mode: record the job as ``queued``; a retrain worker runs it. Nothing is spawned here."""
+        now = time.time()
+        job_id = uuid.uuid4().hex
+        try:
+            created = self.predictions.create_job(
+                job_id, trigger, reason, now, alerts, unless_started_after=now - self.cooldown_seconds, status="queued"
+            )
+        except IntegrityError:  # another request queued the waiting job first
+            created = False
+        if not created:
+            return self._not_started(now)
+        log.info("retrain_queued", job_id=job_id, trigger=trigger)
+        return Launch("queued", job_id)
+
     def _reap(self, process: subprocess.Popen[bytes], job_id: str) -> None:
         code = process.wait()
-        if code != 0:
-            with contextlib.suppress(Exception):
-                jobs = self.predictions.jobs(job_id=job_id)
-                if jobs and jobs[0]["status"] == "running":
-                    self.predictions.finish_job(job_id, "failed", "failed", {"error": f"retrain process exited {code}"})
-                    log.error("retrain_failed", job_id=job_id, exit_code=code)
+        with contextlib.suppress(Exception):
+            record_unreported_exit(self.predictions, job_id, code)

@@ -95,7 +95,7 @@ def verifiers(settings: Settings, sources: Sequence[WebhookSource]) -> dict[Webh
 
 @dataclass(frozen=True)
 class WebhookResult:
-    """``status`` is one of retrain_started, already_running, cooldown, duplicate, ignored."""
+    """``status`` is one of retrain_started, queued, already_running, already_queued, cooldown, duplicate, ignored."""
 
     status: str
     job_id: str | None = None

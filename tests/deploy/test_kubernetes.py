@@ -180,6 +180,20 @@ def test_the_web_pods_run_gunicorn_alone_and_the_monitor_and_retrains_their_own_
     assert env["SENTIMENT_MONITOR_METRICS_HOST"] == "0.0.0.0"
 
 
+def test_web_pods_queue_retrains_and_the_worker_pods_run_them_and_serve_their_metrics() -> None:
+    """SENTIMENT_RETRAIN_MODE=queue: a web pod never spawns a retrain; the worker Deployment runs
+    app.retrain.worker with its own /metrics on the annotated port."""
+    assert settings()["SENTIMENT_RETRAIN_MODE"] == "queue"
+    worker_pod = named("Deployment", "sentiment-retrain-worker")["spec"]["template"]
+    worker = main_container(worker_pod["spec"])
+    assert command(worker).endswith("python -m app.retrain.worker")
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["SENTIMENT_RETRAIN_WORKER_METRICS_PORT"] == worker_pod["metadata"]["annotations"]["prometheus.io/port"]
+    assert env["SENTIMENT_RETRAIN_WORKER_METRICS_HOST"] == "0.0.0.0"
+    # The worker lets a retrain finish, then hands its job back, within the pod's grace period.
+    assert float(env["SENTIMENT_RETRAIN_WORKER_STOP_SECONDS"]) < worker_pod["spec"]["terminationGracePeriodSeconds"]
+
+
 def test_every_process_that_writes_metrics_starts_on_an_empty_metrics_directory() -> None:
     """An emptyDir outlives a container restart; the start command wipes it, as docker/entrypoint.sh does."""
     for name, template in pod_templates():
