@@ -1,5 +1,5 @@
 """Command line: ``python -m app.cli train|list|show|promote|rollback|sign`` (model store), ``feedback`` (labels),
-``db upgrade|current|check|downgrade`` (the prediction database's schema)."""
+``db upgrade|current|check|downgrade`` (the prediction database's schema), ``migrate`` (copy both elsewhere)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import importlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,6 +133,61 @@ def _db(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if args.db_command == "check" and state.behind else 0
 
 
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    """``migrate``: copy the model store and the prediction database into others (a one-machine install into
+    PostgreSQL and an object store); 1 if anything failed to copy or verify. Never writes to the source."""
+    from app.ml.store_copy import copy_store
+    from app.monitoring.log_copy import copy_rows, database_exists, open_database
+
+    source_url = args.from_database or settings.prediction_log_url
+    if not database_exists(source_url):
+        print(f"error: no source database at {source_url}", file=sys.stderr)
+        return 1
+    # The source is read, never migrated: a failed copy leaves the old install exactly as it was.
+    source_state = migrations.current(source_url)
+    if not source_state.up_to_date:
+        print(f"error: the source database is {source_state.describe()}; it must be at head", file=sys.stderr)
+        return 1
+    migrations.upgrade(args.to_database, echo=lambda line: print(f"target db {line}"))
+    source = ModelRegistry.from_settings(
+        _store_settings(settings.model_copy(update={"database_url": source_url}), args.from_store or args.store)
+    )
+    # A fresh download cache: verifying the target reads back what the object store holds, not a local copy.
+    with tempfile.TemporaryDirectory(prefix="sentiment-migrate-") as cache:
+        update = {"database_url": args.to_database, "model_cache_dir": Path(cache)}
+        target = ModelRegistry.from_settings(_store_settings(settings.model_copy(update=update), args.to_store))
+        try:
+            print(f"versions  from {source.location} to {target.location}")
+            copied = copy_store(source, target, echo=lambda line: print(f"  {line}"))
+        finally:
+            target.close()
+            source.close()
+    source_db, target_db = open_database(source_url), open_database(args.to_database)
+    try:
+        tables = copy_rows(source_db, target_db, args.batch_rows, echo=lambda line: print(f"  {line}"))
+    finally:
+        source_db.dispose()
+        target_db.dispose()
+    print(f"versions  {len(copied.copied)} copied, {len(copied.skipped)} already present, {len(copied.failed)} failed")
+    print(f"pointer   {copied.pointer}")
+    for table in tables:
+        print(f"rows      {table.table}: {table.describe()}")
+    if copied.ok and all(table.ok for table in tables):
+        print("result    complete: switch the settings to the target and start the service")
+        return 0
+    for version, reason in copied.failed.items():
+        print(f"error: {version} not copied: {reason}", file=sys.stderr)
+    print("error: the copy is incomplete (see above); fix the cause and run migrate again", file=sys.stderr)
+    return 1
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _parser(settings: Settings) -> argparse.ArgumentParser:
     for module in IMPLEMENTATIONS:  # registers the model kinds
         importlib.import_module(module)
@@ -185,6 +241,25 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     downgrade.add_argument("revision", help="a revision id, -1 (one step back) or base (no tables)")
     db_sub.add_parser("current", help="print the database's revision and this release's head")
     db_sub.add_parser("check", help="like current; exits 1 when the schema is behind (the service would refuse it)")
+    migrate = sub.add_parser(
+        "migrate",
+        help="copy every model version (verified by sha256) and every prediction database row into another "
+        "database and store, e.g. SQLite + a folder into PostgreSQL + s3://; safe to run again",
+    )
+    migrate.add_argument(
+        "--from-database", metavar="URL", help="default: SENTIMENT_DATABASE_URL, else <state_dir>/predictions.db"
+    )
+    migrate.add_argument("--to-database", metavar="URL", required=True, help="migrated to head first")
+    migrate.add_argument(
+        "--from-store", metavar="URL", help="a folder or URL; default: --store, else the configured model store"
+    )
+    migrate.add_argument(
+        "--to-store",
+        metavar="URL",
+        required=True,
+        help="s3://bucket/prefix (versions' rows in --to-database) or a folder",
+    )
+    migrate.add_argument("--batch-rows", type=_positive, default=1000, help="rows per transaction (default: 1000)")
     return parser
 
 
@@ -229,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "db":  # the database alone: no model store needed
             return _db(settings, args)
+        if args.command == "migrate":  # two stores and two databases, none of them the configured one alone
+            return _migrate(settings, args)
         registry = ModelRegistry.from_settings(_store_settings(settings, args.store))
         try:
             return _run(registry, settings, args)

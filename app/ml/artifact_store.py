@@ -133,12 +133,16 @@ class ArtifactStore(ABC):
         """The store's URL (no credentials)."""
 
     @abstractmethod
-    def put_version(self, version: str, files: Mapping[str, Path | bytes]) -> dict[str, str]:
+    def put_version(
+        self, version: str, files: Mapping[str, Path | bytes], *, keep_identical: bool = False
+    ) -> dict[str, str]:
         """Store every artifact of a new version (a file's path or its bytes) and return their sha256 sums.
 
         Returns only once the whole version is stored and marked complete. Nothing is ever overwritten: if
         the store already holds any of the version, :class:`ArtifactExistsError` (a failed upload is left
-        incomplete, and listed only with ``include_incomplete``).
+        incomplete, and listed only with ``include_incomplete``). With ``keep_identical`` (a copy resuming
+        after an interruption), an artifact already stored with the very same bytes is kept and the rest are
+        stored; one stored with other bytes is still :class:`ArtifactExistsError`.
         """
 
     @abstractmethod
@@ -180,11 +184,16 @@ class FileArtifactStore(ArtifactStore):
     def url(self) -> str:
         return self.root.as_uri()
 
-    def put_version(self, version: str, files: Mapping[str, Path | bytes]) -> dict[str, str]:
+    def put_version(
+        self, version: str, files: Mapping[str, Path | bytes], *, keep_identical: bool = False
+    ) -> dict[str, str]:
         _check_version(version)
         payloads = _read_payloads(files)
         final = self.root / version
         if final.exists():
+            # A version appears whole, by rename: kept only if it holds exactly these bytes.
+            if keep_identical and all(self._holds(version, name, data) for name, data in payloads.items()):
+                return {name: sha256_hex(data) for name, data in payloads.items()}
             raise ArtifactExistsError(f"{self.url}: version {version} exists; versions are immutable")
         self.root.mkdir(parents=True, exist_ok=True)
         # The registry's staging prefix: its pruning removes what a killed writer leaves behind.
@@ -207,6 +216,12 @@ class FileArtifactStore(ArtifactStore):
             raise
         log.info("artifacts_stored", model_version=version, artifacts=len(hashes), store=self.url)
         return hashes
+
+    def _holds(self, version: str, name: str, data: bytes) -> bool:
+        try:
+            return sha256_hex((self.root / version / name).read_bytes()) == sha256_hex(data)
+        except OSError:
+            return False
 
     def get_artifact(self, version: str, name: str, sha256: str) -> bytes:
         _check_version(version)
@@ -413,17 +428,42 @@ class S3ArtifactStore(ArtifactStore):
         except BotoCoreError as exc:
             raise self._error(exc, f"upload of {key}") from exc
 
-    def put_version(self, version: str, files: Mapping[str, Path | bytes]) -> dict[str, str]:
+    def put_version(
+        self, version: str, files: Mapping[str, Path | bytes], *, keep_identical: bool = False
+    ) -> dict[str, str]:
         _check_version(version)
         payloads = _read_payloads(files)
         hashes = {name: sha256_hex(data) for name, data in payloads.items()}
         for name, data in payloads.items():
-            self._put_new(self._key(version, name), data, hashes[name], "application/octet-stream")
+            try:
+                self._put_new(self._key(version, name), data, hashes[name], "application/octet-stream")
+            except ArtifactExistsError:
+                if not (keep_identical and self._stored_sha256(version, name) == hashes[name]):
+                    raise
         marker = {"version": version, "artifacts": hashes, "completed_at": datetime.now(UTC).isoformat()}
         body = json.dumps(marker, indent=2, sort_keys=True).encode()
-        self._put_new(self._key(version, COMPLETION_MARKER), body, sha256_hex(body), "application/json")
+        try:
+            self._put_new(self._key(version, COMPLETION_MARKER), body, sha256_hex(body), "application/json")
+        except ArtifactExistsError:
+            if not (keep_identical and self._marked(version) == hashes):
+                raise
         log.info("artifacts_stored", model_version=version, artifacts=len(hashes), store=self.url)
         return hashes
+
+    def _stored_sha256(self, version: str, name: str) -> str | None:
+        """The sha256 of the stored object's bytes, downloaded (never the cache: it says what the store should
+        hold), or None if it is missing."""
+        try:
+            return sha256_hex(self._download(version, name))
+        except ArtifactIntegrityError:
+            return None
+
+    def _marked(self, version: str) -> Any:
+        """The artifacts' sha256 sums the version's completion marker lists (None: no readable marker)."""
+        try:
+            return json.loads(self._download(version, COMPLETION_MARKER)).get("artifacts")
+        except (ArtifactIntegrityError, ValueError, AttributeError):
+            return None
 
     def get_artifact(self, version: str, name: str, sha256: str) -> bytes:
         _check_version(version)

@@ -283,6 +283,20 @@ class RegistryBackend(ABC):
         The version exists (is listed, can be loaded) only once all of it is stored.
         """
 
+    def import_version(self, metadata: Mapping[str, Any], artifacts: Mapping[str, bytes]) -> ModelVersion:
+        """Store a version copied from another store as it was there: ``metadata`` verbatim (its name,
+        ``created_at``, stage, artifacts' sha256 sums, signature) with these artifacts' bytes, which must hash
+        to the sums it records (:class:`ArtifactIntegrityError` otherwise). The version must not be registered.
+
+        Like :meth:`create`, the version exists only once all of it is stored; a backend whose artifacts can be
+        left behind by an interrupted copy keeps the identical ones when the copy runs again.
+        """
+        return self.create(
+            str(metadata["version"]),
+            {name: _writing(data) for name, data in artifacts.items()},
+            lambda hashes: verbatim_card(metadata, hashes),
+        )
+
     @abstractmethod
     def read_artifact(self, entry: ModelVersion, name: str, hashes: Mapping[str, str]) -> bytes:
         """Artifact ``name``'s bytes, read once, returned only if they hash to ``hashes[name]``."""
@@ -298,6 +312,25 @@ class RegistryBackend(ABC):
     def close(self) -> None:
         """Release what the backend holds open (connections)."""
         return None
+
+
+def _writing(data: bytes) -> ArtifactWriter:
+    def write(path: Path) -> None:
+        path.write_bytes(data)
+
+    return write
+
+
+def verbatim_card(metadata: Mapping[str, Any], stored: Mapping[str, str]) -> dict[str, Any]:
+    """An imported version's metadata, unchanged, once the sha256 sums of what was stored (``stored``) are
+    the ones it records; :class:`ArtifactIntegrityError` if they differ."""
+    version = str(metadata.get("version"))
+    recorded = metadata.get("artifacts")
+    if not isinstance(recorded, dict) or set(recorded) != set(stored):
+        raise ArtifactIntegrityError(f"{version}: the stored artifacts are not the ones its metadata lists")
+    for name, actual in stored.items():
+        _check_hash(version, name, recorded[name], actual)
+    return dict(metadata)
 
 
 class FolderBackend(RegistryBackend):
@@ -574,6 +607,57 @@ class ModelRegistry:
         entry = self.backend.create(name, artifacts, record)
         log.info("model_registered", model_version=name, stage=stage)
         return entry
+
+    def import_version(self, source: ModelVersion, artifacts: Mapping[str, bytes]) -> tuple[ModelVersion, bool]:
+        """Register ``source``, a version of another store, under its own name with its metadata verbatim
+        (``created_at``, stage, hashes, signature) and ``artifacts``, the bytes of each of its artifacts; then
+        verify it as stored here (:meth:`verify`: the signature with a key, every artifact's sha256, read back).
+
+        Returns the version as this store holds it and whether it was stored now; False: it was already
+        registered with the same hashes (a copy running again), so copying twice stores nothing twice.
+        :class:`ArtifactIntegrityError` if the bytes are not the ones ``source`` records (nothing is stored),
+        :class:`ModelStoreError` if this store has a version of that name with other artifacts.
+        """
+        hashes = self._recorded_hashes(source)
+        if set(artifacts) != set(hashes):
+            raise ArtifactIntegrityError(f"{source.version}: the artifacts given are not the ones its metadata lists")
+        for name, data in artifacts.items():
+            _check_hash(source.version, name, hashes[name], hashlib.sha256(data).hexdigest())
+        created = not self.backend.is_registered(source.version)
+        if created:
+            entry = self.backend.import_version(source.metadata, artifacts)
+        else:
+            entry = self.get(source.version)
+            if entry.metadata.get("artifacts") != hashes:
+                raise ModelStoreError(
+                    f"{source.version} exists in {self.location} with other artifacts; versions are immutable",
+                    details={"version": source.version},
+                )
+        self.verify(entry)
+        log.info("model_imported", model_version=source.version, stored=created)
+        return entry, created
+
+    def import_pointer(self, pointer: Pointer) -> bool:
+        """Make ``pointer`` (another store's current version and history) this store's: the last step of a copy.
+        Every version it names must be registered here. Returns False if this store already had it.
+
+        :class:`ModelStoreError` if this store already has another current version or history (it was used
+        meanwhile: its choice stays); :class:`VersionNotFoundError` for a version missing here.
+        """
+        with self.backend.change() as change:
+            present = change.pointer()
+            if present == pointer:
+                return False
+            if present.version is not None or present.history:
+                raise ModelStoreError(
+                    f"{self.location} already has a current version ({present.version}, history {present.history}); "
+                    f"not replacing it with {pointer.version} (history {pointer.history})"
+                )
+            for version in {pointer.version, *pointer.history} - {None}:
+                change.get(str(version))
+            change.set_pointer(pointer)
+        log.info("model_pointer_imported", model_version=pointer.version, history=len(pointer.history))
+        return True
 
     def promote(self, version: str, expected_current: str | None = None) -> str | None:
         """Make ``version`` current; returns the version it replaced. Rejected versions are refused.

@@ -23,6 +23,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,15 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from app.errors import ArtifactIntegrityError, ModelStoreError, VersionNotFoundError
 from app.migrations import UPGRADE_COMMAND
 from app.ml.artifact_store import artifact_store_from_settings
-from app.ml.registry import ArtifactWriter, ModelVersion, Pointer, RegistryBackend, RegistryChange, parse_pointer
+from app.ml.registry import (
+    ArtifactWriter,
+    ModelVersion,
+    Pointer,
+    RegistryBackend,
+    RegistryChange,
+    parse_pointer,
+    verbatim_card,
+)
 from app.monitoring.prediction_log import CONNECT_ARGS, metadata
 
 if TYPE_CHECKING:
@@ -188,9 +197,25 @@ class DatabaseBackend(RegistryBackend):
                 files[name] = target
             hashes = self.artifacts.put_version(version, files)
         card = record(hashes)
+        self._insert(version, card, time.time())
+        return ModelVersion(version, None, card, f"{self.artifacts.url}/{version}")
+
+    def import_version(self, metadata: Mapping[str, Any], artifacts: Mapping[str, bytes]) -> ModelVersion:
+        """Upload the artifacts (keeping those an interrupted copy of this version already stored with the same
+        bytes), then insert the row with ``metadata`` verbatim, its ``created_at`` the card's."""
+        version = str(metadata["version"])
+        if self.is_registered(version):
+            raise ModelStoreError(f"version {version} exists; versions are immutable", details={"version": version})
+        hashes = self.artifacts.put_version(version, dict(artifacts), keep_identical=True)
+        card = verbatim_card(metadata, hashes)
+        self._insert(version, card, _timestamp(card.get("created_at")))
+        return ModelVersion(version, None, card, f"{self.artifacts.url}/{version}")
+
+    def _insert(self, version: str, card: Mapping[str, Any], created_at: float) -> None:
+        """Insert a version's row: what makes it exist."""
         row = {
             "version": version,
-            "created_at": time.time(),
+            "created_at": created_at,
             "stage": str(card.get("stage", "candidate")),
             "metadata": _card_json(card),
         }
@@ -201,7 +226,6 @@ class DatabaseBackend(RegistryBackend):
             if isinstance(exc.__cause__, IntegrityError):
                 raise ModelStoreError(f"version {version} exists; versions are immutable") from exc
             raise
-        return ModelVersion(version, None, card, f"{self.artifacts.url}/{version}")
 
     @contextlib.contextmanager
     def change(self) -> Iterator[RegistryChange]:
@@ -229,6 +253,14 @@ class DatabaseBackend(RegistryBackend):
                 f"{entry.version}: {name} is not a recorded artifact", details={"artifact": name}
             )
         return self.artifacts.get_artifact(entry.version, name, str(hashes[name]))
+
+
+def _timestamp(created_at: Any) -> float:
+    """A card's ``created_at`` (ISO 8601) as Unix time; now if it has none."""
+    try:
+        return datetime.fromisoformat(str(created_at)).timestamp()
+    except ValueError:
+        return time.time()
 
 
 def _card_json(card: Mapping[str, Any]) -> str:
