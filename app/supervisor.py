@@ -36,6 +36,7 @@ MONITOR = [sys.executable, "-m", "app.monitoring.monitor"]
 RETRAIN_WORKER = [sys.executable, "-m", "app.retrain.worker"]
 WORKER_STOP_SECONDS = 60.0  # past the worker's own SENTIMENT_RETRAIN_WORKER_STOP_SECONDS (default 30) to hand back
 MAX_BACKOFF_SECONDS = 30.0
+MONITOR_STOP_SECONDS = 30.0  # a monitor finishing its check after SIGTERM
 HEALTHY_AFTER_SECONDS = 60.0  # a monitor that ran this long resets the backoff
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
@@ -89,11 +90,23 @@ def reap_orphans(managed: Sequence[subprocess.Popen[bytes] | None]) -> list[tupl
 
 
 class RestartedChild:
-    """A child process restarted with backoff whenever it exits, counted in ``sentiment_supervised_restarts_total``."""
+    """A child process restarted with backoff whenever it exits, counted in ``sentiment_supervised_restarts_total``.
 
-    def __init__(self, name: str, command: Sequence[str]) -> None:
+    ``events`` names its log events (spawned, exited): the monitor keeps ``drift_monitor_spawned`` and
+    ``drift_monitor_exited``, which operators and alerts know it by.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        stop_seconds: float,
+        events: tuple[str, str] = ("supervised_process_spawned", "supervised_process_exited"),
+    ) -> None:
         self.name = name
         self.command = list(command)
+        self.stop_seconds = stop_seconds  # how long a stop waits after SIGTERM before SIGKILL
+        self.spawned_event, self.exited_event = events
         self.process: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.backoff = 1.0
@@ -102,7 +115,7 @@ class RestartedChild:
     def start(self) -> None:
         self.process = subprocess.Popen(self.command, cwd=REPO_ROOT)
         self.started = time.monotonic()
-        log.info("supervised_process_spawned", process=self.name, pid=self.process.pid)
+        log.info(self.spawned_event, process=self.name, pid=self.process.pid)
 
     def watch(self) -> None:
         if self.process is None:
@@ -115,7 +128,7 @@ class RestartedChild:
             return
         if self.restart_at == 0.0:
             retire_process(self.process.pid)
-            log.error("supervised_process_exited", process=self.name, pid=self.process.pid, code=code)
+            log.error(self.exited_event, process=self.name, pid=self.process.pid, code=code, restart_in=self.backoff)
             self.restart_at = now + self.backoff
             self.backoff = min(self.backoff * 2, MAX_BACKOFF_SECONDS)
         elif now >= self.restart_at:
@@ -123,13 +136,17 @@ class RestartedChild:
             SUPERVISED_RESTARTS.labels(process=self.name).inc()
             self.start()
 
-    def stop(self, timeout: float) -> None:
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def stop(self) -> None:
         if self.process is None:
             return
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=timeout)
+            self.process.wait(timeout=self.stop_seconds)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -143,65 +160,29 @@ class Supervisor:
         *,
         retrain_worker: Sequence[str] | None = None,
     ) -> None:
-        # None: no retrain worker (SENTIMENT_RETRAIN_MODE=spawn: a web worker starts each retrain itself)
-        self.retrain_worker = RestartedChild("retrain_worker", retrain_worker) if retrain_worker is not None else None
+        # None: no drift monitor (monitoring off) / no retrain worker (SENTIMENT_RETRAIN_MODE=spawn: a web
+        # worker starts each retrain itself)
+        self.children: list[RestartedChild] = []
+        if monitor is not None:
+            events = ("drift_monitor_spawned", "drift_monitor_exited")
+            self.children.append(RestartedChild("monitor", monitor, MONITOR_STOP_SECONDS, events))
+        if retrain_worker is not None:
+            self.children.append(RestartedChild("retrain_worker", retrain_worker, WORKER_STOP_SECONDS))
         self.gunicorn_command = list(gunicorn)
-        self.monitor_command = list(monitor) if monitor is not None else None  # None: no drift monitor
         self.stopping = False
         self.gunicorn: subprocess.Popen[bytes] | None = None
-        self.monitor: subprocess.Popen[bytes] | None = None
-        self.monitor_started = 0.0
-        self.backoff = 1.0
-        self.restart_at = 0.0
-
-    def start_monitor(self) -> None:
-        if self.monitor_command is None:
-            return
-        self.monitor = subprocess.Popen(self.monitor_command, cwd=REPO_ROOT)
-        self.monitor_started = time.monotonic()
-        log.info("drift_monitor_spawned", monitor_pid=self.monitor.pid)
 
     def signal(self, signum: int, _frame: Any) -> None:
         self.stopping = True
-        worker = self.retrain_worker.process if self.retrain_worker is not None else None
-        for child in (self.gunicorn, self.monitor, worker):
-            if child is not None and child.poll() is None:
-                child.send_signal(signal.SIGTERM if signum != signal.SIGINT else signal.SIGINT)
-
-    def watch_monitor(self) -> None:
-        if self.monitor is None:
-            return
-        code = self.monitor.poll()
-        now = time.monotonic()
-        if code is None:
-            if now - self.monitor_started > HEALTHY_AFTER_SECONDS:
-                self.backoff = 1.0
-            return
-        if self.restart_at == 0.0:
-            retire_process(self.monitor.pid)
-            log.error("drift_monitor_exited", monitor_pid=self.monitor.pid, code=code, restart_in=self.backoff)
-            self.restart_at = now + self.backoff
-            self.backoff = min(self.backoff * 2, MAX_BACKOFF_SECONDS)
-        elif now >= self.restart_at:
-            self.restart_at = 0.0
-            SUPERVISED_RESTARTS.labels(process="monitor").inc()
-            self.start_monitor()
-
-    def stop_monitor(self) -> None:
-        if self.monitor is None:
-            return
-        if self.monitor.poll() is None:
-            self.monitor.send_signal(signal.SIGTERM)
-        try:
-            self.monitor.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.monitor.kill()
-            self.monitor.wait()
+        forwarded = signal.SIGTERM if signum != signal.SIGINT else signal.SIGINT
+        if self.gunicorn is not None and self.gunicorn.poll() is None:
+            self.gunicorn.send_signal(forwarded)
+        for child in self.children:
+            child.signal(forwarded)
 
     def reap(self) -> None:
         """Collect orphans that died (their metric files are retired, as for a dead worker)."""
-        worker = self.retrain_worker.process if self.retrain_worker is not None else None
-        for pid, code in reap_orphans([self.gunicorn, self.monitor, worker]):
+        for pid, code in reap_orphans([self.gunicorn, *(child.process for child in self.children)]):
             retire_process(pid)
             log.info("orphan_reaped", orphan_pid=pid, code=code)
 
@@ -210,19 +191,16 @@ class Supervisor:
         signal.signal(signal.SIGINT, self.signal)
         become_subreaper()
         self.gunicorn = subprocess.Popen(self.gunicorn_command, cwd=REPO_ROOT)
-        self.start_monitor()
-        if self.retrain_worker is not None:
-            self.retrain_worker.start()
+        for child in self.children:
+            child.start()
         while self.gunicorn.poll() is None:
             if not self.stopping:
-                self.watch_monitor()
-                if self.retrain_worker is not None:
-                    self.retrain_worker.watch()
+                for child in self.children:
+                    child.watch()
             self.reap()
             time.sleep(0.2)
-        self.stop_monitor()
-        if self.retrain_worker is not None:
-            self.retrain_worker.stop(WORKER_STOP_SECONDS)
+        for child in self.children:
+            child.stop()
         self.reap()
         log.info("service_stopped", gunicorn_code=self.gunicorn.returncode)
         return self.gunicorn.returncode
