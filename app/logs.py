@@ -53,7 +53,9 @@ def dict_config(level: str = "info") -> dict[str, Any]:
             for name in ("gunicorn.error", "uvicorn", "uvicorn.error")
         }
         # The access log would repeat the request line our middleware writes, with less in it.
-        | {name: {"handlers": [], "propagate": False} for name in ("gunicorn.access", "uvicorn.access")},
+        | {name: {"handlers": [], "propagate": False} for name in ("gunicorn.access", "uvicorn.access")}
+        # Alembic announces each of its plugins at INFO whenever a process checks the schema revision.
+        | {"alembic.runtime.plugins": {"level": "WARNING"}},
     }
 
 
