@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ from pydantic import BaseModel
 from app.api.deps import JsonBody, LauncherDep, PredictionsDep, ServicesDep, WebhooksDep
 from app.api.schemas import ErrorOut, RetrainJobOut, WebhookOut
 from app.errors import JobNotFoundError
+from app.monitoring.prediction_log import PredictionLog
 from app.monitoring.status import utc
 from app.retrain.alerts import UnauthorizedError, bearer_matches
 from app.retrain.webhooks import WebhookService, WebhookSource
@@ -49,10 +49,13 @@ def _documented_body(payload: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
-def _receiver(source: WebhookSource) -> Callable[[Request, WebhookService], Coroutine[Any, Any, JSONResponse]]:
-    async def receive(request: Request, service: WebhooksDep) -> JSONResponse:
+def _receiver(
+    source: WebhookSource,
+) -> Callable[[Request, WebhookService, PredictionLog], Coroutine[Any, Any, JSONResponse]]:
+    async def receive(request: Request, service: WebhooksDep, predictions: PredictionsDep) -> JSONResponse:
         body = await request.body()
-        result = await asyncio.to_thread(service.handle, source, request.headers, body)
+        # on the prediction database's own threads: a hung database holds those, not /metrics' or reloads'
+        result = await predictions.call(service.handle, source, request.headers, body)
         return JSONResponse(WebhookOut(**result.__dict__).model_dump(), status_code=202)
 
     return receive
@@ -89,8 +92,8 @@ def _job(row: dict[str, Any]) -> RetrainJobOut:
     responses={401: {"model": ErrorOut}},
     summary="Start a retrain now (admin)",
 )
-async def start_retrain(launcher: LauncherDep) -> JSONResponse:
-    launch = await asyncio.to_thread(launcher.start, "manual", "requested through /v1/retrain")
+async def start_retrain(launcher: LauncherDep, predictions: PredictionsDep) -> JSONResponse:
+    launch = await predictions.call(launcher.start, "manual", "requested through /v1/retrain")
     body = WebhookOut(status=launch.action, job_id=launch.job_id, retry_after_seconds=launch.retry_after_seconds)
     return JSONResponse(body.model_dump(), status_code=202)
 
@@ -103,7 +106,7 @@ async def start_retrain(launcher: LauncherDep) -> JSONResponse:
     summary="Recent retrain jobs, newest first (admin)",
 )
 async def list_jobs(predictions: PredictionsDep, launcher: LauncherDep) -> list[RetrainJobOut]:
-    await asyncio.to_thread(launcher.reconcile)
+    await predictions.call(launcher.reconcile)
     return [_job(r) for r in await predictions.call(predictions.jobs, 50)]
 
 
@@ -115,7 +118,7 @@ async def list_jobs(predictions: PredictionsDep, launcher: LauncherDep) -> list[
     summary="One retrain job (admin)",
 )
 async def get_job(job_id: str, predictions: PredictionsDep, launcher: LauncherDep) -> RetrainJobOut:
-    await asyncio.to_thread(launcher.reconcile)
+    await predictions.call(launcher.reconcile)
     rows = await predictions.call(predictions.jobs, 1, job_id)
     if not rows:
         raise JobNotFoundError(f"no retrain job {job_id!r}", details={"job_id": job_id})
