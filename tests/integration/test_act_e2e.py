@@ -147,7 +147,7 @@ def test_drift_alert_retrains_promotes_and_resolves_without_a_failed_request(
         SENTIMENT_RETRAIN_COOLDOWN_SECONDS="0",
         # The loop under test, not the margin: this test's model (3 calibration folds) loses 0.6-1.3 points
         # on the base holdout to tweet feedback, so at the default 1 point the gate rejected every retrain
-        # of one CI run. README "Known limits" has the figures.
+        # of one CI run. docs/design.md "Known limits" has the figures.
         SENTIMENT_RETRAIN_PROMOTION_MARGIN="0.03",
     )
     daemons: list[Daemon] = []

@@ -113,7 +113,7 @@ def test_tweet_feedback_trains_a_candidate_the_gate_promotes(
 ) -> None:
     # Tweet feedback really costs this 3-fold-calibrated model some Rotten Tomatoes accuracy: 0.3-1.1 points
     # over 16 runs, which differ only in the random prediction ids that pick the feedback holdout. At the
-    # default 1-point margin the gate rejected 2 of them (README, Known limits); this test is about learning
+    # default 1-point margin the gate rejected 2 of them (docs/design.md, Known limits); this test is about learning
     # the new domain and promoting, so it allows 2 points. Rejection has its own test below.
     lenient = settings.model_copy(update={"retrain_promotion_margin": 0.02})
     add_feedback(prediction_log, store, tweets, 0, 1500)
