@@ -162,7 +162,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, small_corpus: Any) -> Iterato
                 time.sleep(0.5)
             for text in small_corpus.texts[30:60]:  # recent traffic for rate() windows
                 client.post("/v1/predict", json={"text": text})
-        time.sleep(4)  # a few scrapes
+        prometheus.wait_for_scrapes(since=time.time(), count=3)
         yield service, prometheus
     finally:
         prometheus.stop()

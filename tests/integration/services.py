@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import httpx
 
@@ -195,6 +197,25 @@ class Daemon:
         response.raise_for_status()
         return response.json()  # type: ignore[no-any-return]
 
+    def wait_for_scrapes(self, since: float, count: int = 2, timeout: float = 60) -> None:
+        """Wait until every target has been scraped successfully ``count`` times after ``since`` (a Unix time).
+
+        ``rate()`` over a short window needs two fresh samples; on a loaded machine Prometheus can fall
+        behind its 1 s interval for long enough that a fixed sleep is not enough.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            targets = self.get("/api/v1/targets")["data"]["activeTargets"]  # type: ignore[index]
+            fresh = all(t["health"] == "up" and _scraped_at(t) > since for t in targets)
+            if targets and fresh:
+                count -= 1
+                if count == 0:
+                    return
+                since = max(_scraped_at(t) for t in targets)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Prometheus did not scrape every target {count} more times: {targets}")
+            time.sleep(0.2)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -253,3 +274,9 @@ def start_alertmanager(config: Path, workdir: Path) -> Daemon:
         port,
         workdir / "alertmanager.log",
     )
+
+
+def _scraped_at(target: dict[str, Any]) -> float:
+    """A Prometheus target's ``lastScrape`` (RFC 3339 with nanoseconds) as a Unix time."""
+    stamp = re.sub(r"(\.\d{6})\d*", r"\1", target["lastScrape"]).replace("Z", "+00:00")
+    return datetime.fromisoformat(stamp).timestamp()
