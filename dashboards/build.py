@@ -29,6 +29,9 @@ def panel(
     kind: str = "timeseries",
     unit: str = "short",
     description: str = "",
+    *,
+    defaults: dict[str, Any] | None = None,
+    overrides: list[dict[str, Any]] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     p: dict[str, Any] = {
@@ -37,7 +40,7 @@ def panel(
         "description": description,
         "datasource": DATASOURCE,
         "targets": targets,
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "fieldConfig": {"defaults": {"unit": unit, **(defaults or {})}, "overrides": overrides or []},
         "options": options,
     }
     return p
@@ -95,6 +98,7 @@ def dashboard(
 RATE = "$__rate_interval"
 ROUTE = 'route=~"$route"'
 VERSION = 'model_version=~"$model_version"'
+ESTIMATED = "sentiment_estimated_accuracy"
 
 
 def quantiles(metric: str, selector: str) -> list[dict[str, Any]]:
@@ -219,10 +223,55 @@ MODEL = dashboard(
         ],
         [
             panel(
-                "Live accuracy (labelled feedback)",
-                [target("max(sentiment_live_accuracy)", "live accuracy")],
+                "Accuracy: realised on feedback, estimated from confidence (95 % band)",
+                [
+                    target("max(sentiment_live_accuracy)", "realised (feedback)"),
+                    target(f"max by (model_version) ({ESTIMATED}{{{VERSION}}})", "{{model_version}} estimated", "B"),
+                    target(
+                        f"max by (model_version) ({ESTIMATED}_lower{{{VERSION}}})", "{{model_version}} band low", "C"
+                    ),
+                    target(
+                        f"max by (model_version) ({ESTIMATED}_upper{{{VERSION}}})", "{{model_version}} band high", "D"
+                    ),
+                ],
                 unit="percentunit",
+                description="Realised: accuracy over the latest labelled predictions. Estimated: the drift window's "
+                "mean confidence, the accuracy it has if the model's probabilities are calibrated on this traffic; "
+                "the band is where the realised accuracy of the window should fall. A concept shift breaks "
+                "calibration: the estimate then stays high while the realised accuracy falls.",
+                overrides=[
+                    {
+                        "matcher": {"id": "byRegexp", "options": "/band/"},
+                        "properties": [
+                            {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [4, 4]}},
+                            {"id": "custom.lineWidth", "value": 1},
+                        ],
+                    }
+                ],
             ),
+            panel(
+                "Estimated accuracy below the version's reference (points)",
+                [
+                    target(
+                        f"(max by (model_version) ({ESTIMATED}_reference{{{VERSION}}})"
+                        f" - max by (model_version) ({ESTIMATED}{{{VERSION}}})) * 100",
+                        "{{model_version}}",
+                    )
+                ],
+                unit="none",
+                description="The drift window's estimate against the same estimate on the version's held-out "
+                "reference. SentimentEstimatedAccuracyDrop fires when its 10-minute average stays at 2.5 points or "
+                "more for 15 minutes. Real drops measured up to 3 times larger (bench/estimated_accuracy.py).",
+                defaults={
+                    "custom": {"thresholdsStyle": {"mode": "line"}},
+                    "thresholds": {
+                        "mode": "absolute",
+                        "steps": [{"color": "green", "value": None}, {"color": "red", "value": 2.5}],
+                    },
+                },
+            ),
+        ],
+        [
             panel(
                 "Feedback rate by true label",
                 [target(f"sum by (sentiment) (rate(sentiment_feedback_total[{RATE}]))", "{{sentiment}}")],
