@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import psycopg
 import pytest
 
 from tests.conftest import free_port
+from tests.shared_server import SessionServer
 
 DATABASE_USER = "postgres"
 
@@ -119,37 +119,29 @@ class PostgresCluster:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-_shared: list[PostgresCluster] = []  # the session's cluster, while some module's fixture holds it
-_holders = 0
+def _start_cluster(root: Path) -> PostgresCluster:
+    bin_dir = _bin_dir()
+    if bin_dir is None:
+        pytest.fail("PostgreSQL is not installed: run scripts/system-deps")
+    cluster = PostgresCluster(root, bin_dir)
+    cluster.init()
+    cluster.start()
+    return cluster
+
+
+def _stop_cluster(cluster: PostgresCluster) -> None:
+    if cluster.running:
+        cluster.stop()
+
+
+_cluster = SessionServer("sentiment-pg-", _start_cluster, _stop_cluster)
 
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
     """A running PostgreSQL cluster, shared by the whole session (started on first use)."""
-    global _holders  # noqa: PLW0603  one cluster however many modules import this fixture
-    bin_dir = _bin_dir()
-    if bin_dir is None:
-        pytest.fail("PostgreSQL is not installed: run scripts/system-deps")
-    if not _shared:
-        # Not under pytest's tmp_path: its parents are private to root, and the server runs as postgres.
-        cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="sentiment-pg-")), bin_dir)
-        try:
-            cluster.init()
-            cluster.start()
-        except BaseException:
-            shutil.rmtree(cluster.root, ignore_errors=True)
-            raise
-        _shared.append(cluster)
-    _holders += 1
-    try:
-        yield _shared[0]
-    finally:
-        _holders -= 1
-        if _holders == 0:
-            cluster = _shared.pop()
-            if cluster.running:
-                cluster.stop()
-            shutil.rmtree(cluster.root, ignore_errors=True)
+    with _cluster.held() as cluster:
+        yield cluster
 
 
 @pytest.fixture

