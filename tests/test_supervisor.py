@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from app.monitoring.metrics import MULTIPROC_ENV
 from app.settings import Settings
+from app.supervisor import monitor_environment
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -138,3 +139,12 @@ def test_with_monitoring_off_no_drift_monitor_runs(tmp_path: Path) -> None:
     assert "drift_monitor_disabled" in logged
     assert "drift_monitor_spawned" not in logged
     assert "service_stopped" in logged
+
+
+def test_the_monitor_asks_glibc_for_huge_pages_unless_told_otherwise() -> None:
+    """The monitor's environment adds glibc.malloc.hugetlb=1 to the other tunables; a value already set wins."""
+    assert monitor_environment({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    tunables = monitor_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"]
+    assert tunables == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    kept = monitor_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert kept["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"

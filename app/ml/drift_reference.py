@@ -64,7 +64,7 @@ class DriftReferenceFormatError(SentimentServiceError):
 class DriftReference:
     """Everything the drift monitor compares a live window with, for one model version."""
 
-    components: NDArray[np.floating[Any]]  # (k, n_features): the reducer, as a projection
+    components: NDArray[np.floating[Any]]  # (k, n_features): the reducer, as a projection (see :func:`project`)
     embeddings: NDArray[np.float32]  # (size, k): projected features of the reference texts
     lengths: NDArray[np.float64]  # characters per reference text
     confidence: NDArray[np.float64]  # the model's confidence on each reference text
@@ -73,7 +73,12 @@ class DriftReference:
 
 
 def project(features: Any, components: NDArray[np.floating[Any]]) -> NDArray[np.float32]:
-    """``TruncatedSVD.transform`` without the estimator: features (sparse or dense) @ components.T."""
+    """``TruncatedSVD.transform`` without the estimator: features (sparse or dense) @ components.T.
+
+    Fortran-ordered ``components`` (as :func:`build_reference` and :func:`load_reference` make them) are
+    multiplied in place: scipy copies a ``components.T`` that is not C-contiguous, n_features x k x 8 bytes
+    (about 50 MB) per call.
+    """
     if features.shape[1] != components.shape[1]:
         raise DriftReferenceFormatError(
             f"the model has {features.shape[1]} features, the drift reference {components.shape[1]}"
@@ -104,7 +109,7 @@ def build_reference(
     ``reference_proba`` is the model's P(positive) for each reference text.
     """
     reducer = TruncatedSVD(n_components=components, random_state=seed).fit(model.features(list(fit_texts)))
-    basis = np.ascontiguousarray(reducer.components_)
+    basis = np.asfortranarray(reducer.components_)  # stored so, and read back so without a copy
     positive = np.asarray(reference_proba, dtype=np.float64)
     return DriftReference(
         components=basis,
@@ -185,6 +190,7 @@ def _read(where: str, read: Callable[[str], bytes]) -> DriftReference:
         )
     with np.load(io.BytesIO(read(ARRAYS_ARTIFACT)), allow_pickle=False) as arrays:
         loaded = {name: arrays[name] for name in _ARRAYS}
+    loaded["components"] = np.asfortranarray(loaded["components"])  # a copy only for C-ordered (older) files
     reference = DriftReference(**loaded, positive_rate=float(summary["positive_rate"]), size=int(summary["size"]))
     expected = {
         "components": (summary["components"], summary["features"]),
@@ -204,7 +210,7 @@ def _read_legacy(data: bytes) -> DriftReference:
     # Unpickles as this class with the old fields in __dict__ (pickle restores __dict__, never __init__).
     state = vars(joblib.load(io.BytesIO(data)))
     return DriftReference(
-        components=np.ascontiguousarray(state["reducer"].components_),
+        components=np.asfortranarray(state["reducer"].components_),
         embeddings=np.asarray(state["embeddings"], dtype=np.float32),
         lengths=np.asarray(state["lengths"], dtype=np.float64),
         confidence=np.asarray(state["confidence"], dtype=np.float64),

@@ -9,18 +9,113 @@ needs a commercial licence), so :class:`BuiltinMMD` reimplements that contract w
 imports torch: ``SENTIMENT_DRIFT_BACKEND=builtin`` selects it (see the README's licence section).
 
 Adding an engine is one class with the :class:`MMDEngine` signature and one entry in :data:`ENGINES`.
+
+Memory (the drift monitor's budget is 500 MB with either engine; ``python -m bench.memory`` measures it): the
+alibi-detect engine imports only the modules of ``MMDDrift``'s PyTorch backend (:func:`import_mmd_drift`), and
+both engines make glibc hand their large blocks back to the system when freed (:func:`bound_allocator`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import importlib
+import importlib.machinery
+import importlib.util
+import platform
+import sys
 from collections.abc import Callable
-from typing import Protocol
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
 
 import numpy as np
+import structlog
 from numpy.typing import NDArray
+
+log = structlog.get_logger("app.monitoring.mmd")
 
 DEFAULT_ENGINE = "alibi-detect"
 MIN_SQUARED_DISTANCE = 1e-30  # alibi-detect clamps squared distances at this floor before the kernel
+M_MMAP_THRESHOLD = -3  # <malloc.h>
+MMAP_THRESHOLD_BYTES = 1 << 20
+"""Blocks at least this large get their own mapping, unmapped when freed (a 500-row window's kernel matrix
+is 9 MB)."""
+ALIBI_MMD_MODULE = "alibi_detect.cd.mmd"
+ALIBI_PACKAGES = ("alibi_detect", "alibi_detect.cd", "alibi_detect.cd.pytorch", "alibi_detect.utils")
+"""The packages whose ``__init__`` :func:`import_mmd_drift` skips: between them they import every detector,
+model and saving backend of alibi-detect (transformers, numba, ...), about 175 MB the MMD test never uses."""
+
+
+def bound_allocator() -> None:
+    """Make glibc serve blocks of :data:`MMAP_THRESHOLD_BYTES` or more from their own mappings, returned to
+    the system as soon as they are freed, for the rest of the process (no-op elsewhere than glibc).
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MB), after which
+    such blocks come from the heap, where small allocations made in between keep the freed space from being
+    reused or returned: alibi-detect copies the (reference + window)² kernel matrix twice per permutation,
+    and one check at a window of 500 could leave the monitor up to 700 MB larger (it varies from run to
+    run) until ``malloc_trim``. A fixed threshold also turns that adaptation off. The price is page faults
+    on fresh mappings (an alibi-detect check at a window of 500: 1.5 s instead of 1.0 s), which transparent
+    huge pages take back: ``app.supervisor`` starts the monitor with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def release_free_memory() -> None:
+    """Return the free pages of the heap to the system (glibc ``malloc_trim``; no-op elsewhere)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(None)
+
+
+def import_mmd_drift() -> Any:
+    """alibi-detect's ``MMDDrift`` class, importing only its module and what it imports.
+
+    ``import alibi_detect.cd.mmd`` runs ``alibi_detect/__init__.py`` and ``alibi_detect/cd/__init__.py``
+    first, which import every detector, transformers and numba (about 175 MB resident). So the packages of
+    :data:`ALIBI_PACKAGES` are registered as empty packages (their folders, not their ``__init__``) while
+    the module is imported, and removed afterwards: a later ``import alibi_detect`` runs them in full and
+    reuses the modules already loaded. If alibi-detect is already imported, or its layout has changed, it
+    is imported the ordinary way.
+    """
+    if ALIBI_MMD_MODULE in sys.modules or ALIBI_PACKAGES[0] in sys.modules:
+        return importlib.import_module(ALIBI_MMD_MODULE).MMDDrift
+    try:
+        module = _import_without_package_inits(ALIBI_MMD_MODULE, ALIBI_PACKAGES)
+    except ImportError as exc:
+        log.warning("alibi_detect_imported_whole", reason=str(exc))
+        module = importlib.import_module(ALIBI_MMD_MODULE)
+    return module.MMDDrift
+
+
+def _import_without_package_inits(name: str, packages: tuple[str, ...]) -> ModuleType:
+    root = importlib.util.find_spec(packages[0])  # a top-level spec: found without running its __init__
+    if root is None or not root.submodule_search_locations:
+        raise ImportError(f"{packages[0]} is not an installed package")
+    base = Path(next(iter(root.submodule_search_locations)))
+    empty = {}
+    for package in packages:
+        spec = importlib.machinery.ModuleSpec(package, None, is_package=True)
+        spec.submodule_search_locations = [str(base.joinpath(*package.split(".")[1:]))]
+        empty[package] = importlib.util.module_from_spec(spec)
+    sys.modules.update(empty)
+    try:
+        return importlib.import_module(name)
+    finally:
+        for package, module in empty.items():
+            if sys.modules.get(package) is module:
+                del sys.modules[package]
 
 
 class MMDEngine(Protocol):
@@ -35,13 +130,18 @@ class AlibiDetectMMD:
     """alibi-detect's ``MMDDrift`` with the PyTorch backend on CPU (imports torch: monitor process only)."""
 
     def __init__(self, reference: NDArray[np.float32], *, level: float, permutations: int, seed: int) -> None:
-        from alibi_detect.cd import MMDDrift
+        import torch
 
+        # The monitor computes on one thread (torch.set_num_threads(1) there); no inter-op pool either.
+        with contextlib.suppress(RuntimeError):  # raised once inter-op work started: the pool is set already
+            torch.set_num_interop_threads(1)
+        mmd_drift = import_mmd_drift()
         # ``seed`` is not used: alibi-detect draws its permutations from torch's global generator.
-        self.detector = MMDDrift(reference, backend="pytorch", p_val=level, n_permutations=permutations, device="cpu")
+        self.detector = mmd_drift(reference, backend="pytorch", p_val=level, n_permutations=permutations, device="cpu")
 
     def score(self, window: NDArray[np.float32]) -> tuple[float, float, float]:
         found = self.detector.predict(window)["data"]
+        release_free_memory()  # the check's garbage: the monitor idles until the next one
         return float(found["p_val"]), float(found["distance"]), float(found["distance_threshold"])
 
 
@@ -124,6 +224,7 @@ class BuiltinMMD:
         null = np.sort(np.asarray(permuted))[::-1]
         p_value = float((null >= observed).mean())
         threshold = float(null[int(self.level * self.permutations)])
+        release_free_memory()  # the check's garbage: the monitor idles until the next one
         return p_value, float(observed), threshold
 
 
@@ -141,4 +242,7 @@ def build_engine(
         factory = ENGINES[name]
     except KeyError:
         raise ValueError(f"unknown MMD engine {name!r}; known: {', '.join(ENGINES)}") from None
-    return factory(reference, level=level, permutations=permutations, seed=seed)
+    bound_allocator()
+    engine = factory(reference, level=level, permutations=permutations, seed=seed)
+    release_free_memory()  # what loading the model and the reference left in the heap
+    return engine
