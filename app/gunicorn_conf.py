@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from app.gunicorn_worker import freeze_startup_heap
 from app.logs import configure_structlog, dict_config
 from app.monitoring.metrics import initialise_counters, retire_process
 from app.settings import Settings
@@ -43,7 +44,7 @@ control_socket_disable = True
 # their own processes and import pandas normally.
 sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
 
-configure_structlog()
+configure_structlog(_settings.log_level)
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -54,5 +55,7 @@ def child_exit(server: Any, worker: Any) -> None:
 
 def post_worker_init(worker: Any) -> None:
     """A worker is ready: write a 0 for every labelled counter an alert reads, so that each counter's first
-    increment shows in ``rate()``/``increase()`` (a series that appears at 1 has no sample before it)."""
+    increment shows in ``rate()``/``increase()`` (a series that appears at 1 has no sample before it); keep
+    the garbage collector off what it has built (:func:`app.gunicorn_worker.freeze_startup_heap`)."""
     initialise_counters()
+    freeze_startup_heap()

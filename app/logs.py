@@ -1,9 +1,16 @@
-"""structlog configuration: one JSON object per line on stdout, for every process of the service."""
+"""structlog configuration: one JSON object per line on stdout, for every process of the service.
+
+The service's own events (structlog loggers) are rendered by structlog and written straight to stdout;
+records of the standard library's loggers (gunicorn, uvicorn, alembic) go through the JSON handler of
+:func:`dict_config`, which renders them with the same processors. One line per event either way.
+"""
 
 from __future__ import annotations
 
+import logging
 import logging.config
 import os
+import sys
 from typing import Any
 
 import structlog
@@ -59,17 +66,36 @@ def dict_config(level: str = "info") -> dict[str, Any]:
     }
 
 
-def configure_structlog() -> None:
-    """structlog loggers hand their event dicts to the standard library's JSON handler."""
+class LineWriter:
+    """What structlog loggers write to: each rendered event as one line on the current ``sys.stdout``.
+
+    The standard library's handler chain would add two ``LogRecord`` objects, a caller lookup and a
+    formatter pass per line, the larger part of an access-log line's cost (``bench/request_profile.py``).
+    """
+
+    def __init__(self, name: str = "app") -> None:
+        self.name = name  # the "logger" field (structlog.stdlib.add_logger_name reads it)
+
+    def msg(self, message: str) -> None:
+        stream = sys.stdout  # looked up per line: whatever stdout is now (a test's capture, a redirect)
+        stream.write(message + "\n")  # one write per line: lines of several threads never interleave
+        stream.flush()
+
+    debug = info = warning = error = critical = exception = msg
+
+
+def configure_structlog(level: str = "info") -> None:
+    """structlog loggers render their events as JSON (the processors the standard library's records get)
+    and write them to stdout; events below ``level`` cost one method call."""
     structlog.configure(
-        processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*_SHARED, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        logger_factory=LineWriter,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         cache_logger_on_first_use=True,
     )
 
 
 def configure_logging(level: str = "info") -> None:
     """Configure both structlog and the standard library (for CLI tools and the drift monitor)."""
-    configure_structlog()
+    configure_structlog(level)
     logging.config.dictConfig(dict_config(level))
