@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from app import migrations
 from app.errors import ModelStoreError, SentimentServiceError
@@ -19,6 +22,10 @@ from app.ml.model import DEFAULT_KIND, IMPLEMENTATIONS, MODEL_KINDS
 from app.ml.pipeline import ModelParams
 from app.ml.registry import ModelRegistry
 from app.settings import Settings
+from app.storage.model_events import ModelEvent, ModelEventRepository
+
+ACTOR = "cli"
+"""The actor of the model events the command line records."""
 
 
 def _train(registry: ModelRegistry, settings: Settings, args: argparse.Namespace) -> int:
@@ -44,7 +51,13 @@ def _train(registry: ModelRegistry, settings: Settings, args: argparse.Namespace
         promote=args.promote,
     )
     r = result.report
-    print(f"version   {result.version.version}  ({'promoted to current' if result.promoted else 'not promoted'})")
+    version, parent = result.version.version, result.version.metadata.get("parent")
+    scores = {k: r[k] for k in ("accuracy", "balanced_accuracy", "ece")}
+    events = [ModelEvent(version, "registered", ACTOR, "train", {"parent": parent, "metrics": scores})]
+    if result.promoted:
+        events.append(ModelEvent(version, "promoted", ACTOR, "train", {"previous": parent, "watch": False}))
+    _record(settings, events)
+    print(f"version   {version}  ({'promoted to current' if result.promoted else 'not promoted'})")
     print(
         f"holdout   n={r['n']} accuracy={r['accuracy']:.4f} balanced_accuracy={r['balanced_accuracy']:.4f} "
         f"f1_macro={r['f1_macro']:.4f} roc_auc={r['roc_auc']:.4f} ece={r['ece']:.4f}"
@@ -88,19 +101,21 @@ def _sign(registry: ModelRegistry, versions: list[str]) -> int:
 
 def _feedback(registry: ModelRegistry, settings: Settings, args: argparse.Namespace) -> int:
     """``feedback sources``: label counts per feedback token name; ``feedback purge NAME``: forget its labels."""
-    from app.monitoring.prediction_log import PredictionLog
+    from app.storage.database import Database
+    from app.storage.predictions import PredictionRepository
 
-    predictions = PredictionLog.from_settings(settings)
+    database = Database.from_settings(settings)
     try:
-        migrations.require_current(predictions.engine, "cli")  # an older log: `db upgrade` adds label_source
+        migrations.require_current(database.engine, "cli")  # an older log: `db upgrade` adds label_source
+        predictions = PredictionRepository(database)
         if args.feedback_command == "sources":
             print(f"{'source':24} {'labels':>8}  last_labelled_at")
-            for row in predictions.label_sources():
-                print(f"{row['source']:24} {row['labels']:8d}  {_utc_text(row['last_labelled_at'])}")
+            for sent in predictions.label_sources():
+                print(f"{sent.source:24} {sent.labels:8d}  {_utc_text(sent.last_labelled_at)}")
             return 0
         purged = predictions.purge_labels(args.name)
     finally:
-        predictions.dispose()
+        database.dispose()
     print(f"purged    {purged} labels of {args.name!r} (the predictions stay, unlabelled)")
     fitted = [
         v.version
@@ -110,6 +125,82 @@ def _feedback(registry: ModelRegistry, settings: Settings, args: argparse.Namesp
     if fitted:
         print(f"fitted on {args.name!r}: {', '.join(fitted)} (promote or roll back to a version fitted without it)")
     print("revoke the token itself by removing it from SENTIMENT_FEEDBACK_TOKEN(_FILE) and restarting the service")
+    return 0
+
+
+@contextlib.contextmanager
+def _event_log(settings: Settings) -> Iterator[ModelEventRepository | None]:
+    """The model events of the configured database, or None when it does not exist yet (a SQLite file that
+    `db upgrade` has not created: opening it would create an empty one)."""
+    from app.monitoring.log_copy import database_exists
+    from app.storage.database import Database
+
+    if not database_exists(settings.prediction_log_url):
+        yield None
+        return
+    database = Database.from_settings(settings)
+    try:
+        yield ModelEventRepository(database)
+    finally:
+        database.dispose()
+
+
+def _record(settings: Settings, events: list[ModelEvent]) -> None:
+    """Record ``events`` in the audit trail; one that cannot be written is reported, and what it describes
+    stays done."""
+    with _event_log(settings) as log:
+        unrecorded = len(events) if log is None else sum(log.record_safely(e) is None for e in events)
+    if unrecorded:
+        print(
+            f"note      {unrecorded} model event(s) not recorded: run `python -m app.cli db upgrade`", file=sys.stderr
+        )
+
+
+def _show(registry: ModelRegistry, settings: Settings, version: str | None) -> int:
+    """The version's metadata as JSON, then its events, oldest first."""
+    version = version or registry.current_version()
+    if version is None:
+        print("no current version", file=sys.stderr)
+        return 1
+    print(json.dumps(registry.get(version).metadata, indent=2, sort_keys=True))
+    try:
+        with _event_log(settings) as log:
+            events = [] if log is None else log.for_version(version)
+    except Exception as exc:  # the metadata is shown; the trail is in a database that may be down
+        print(f"events    unavailable: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 0
+    print(f"events    {len(events) or 'none recorded'}")
+    for event in events:
+        trigger = f" ({event.trigger})" if event.trigger else ""
+        details = json.dumps(event.details, sort_keys=True, separators=(",", ":"))
+        print(f"  {_utc_text(event.occurred_at)}  {event.event:12} {event.actor}{trigger}  {details}")
+    return 0
+
+
+def _promote(registry: ModelRegistry, settings: Settings, version: str, watch: bool) -> int:
+    at = time.time()  # before the pointer moves: the watch counts the version's predictions from here
+    previous = registry.promote(version)
+    if previous != version:
+        details: dict[str, Any] = {"previous": previous, "watch": watch}
+        _record(settings, [ModelEvent(version, "promoted", ACTOR, "manual", details, occurred_at=at)])
+    print(f"current: {version} (was {previous})")
+    if watch and previous != version:
+        print(f"watch     for {settings.promotion_watch_seconds:g} s the drift monitor rolls it back on a drop")
+    return 0
+
+
+def _rollback(registry: ModelRegistry, settings: Settings) -> int:
+    current = registry.current_version()
+    target = registry.rollback(expected_current=current)
+    if current is not None:
+        _record(
+            settings,
+            [
+                ModelEvent(current, "rolled_back", ACTOR, "manual", {"reason": "manual", "restored": target}),
+                ModelEvent(target, "promoted", ACTOR, "rollback", {"previous": current, "watch": False}),
+            ],
+        )
+    print(f"current: {target}")
     return 0
 
 
@@ -213,10 +304,15 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     train.add_argument("--if-empty", action="store_true", help="do nothing if the store has a current version")
     train.add_argument("--C", type=float, default=ModelParams.C, help="inverse regularisation strength")
     sub.add_parser("list", help="list versions; * marks the current one")
-    show = sub.add_parser("show", help="print a version's metadata")
+    show = sub.add_parser("show", help="print a version's metadata, then its events (the audit trail)")
     show.add_argument("version", nargs="?", help="default: the current version")
     promote = sub.add_parser("promote", help="make a version current (every worker picks it up)")
     promote.add_argument("version")
+    promote.add_argument(
+        "--watch",
+        action="store_true",
+        help="let the drift monitor roll it back on a drop for SENTIMENT_PROMOTION_WATCH_SECONDS, as after a retrain",
+    )
     sub.add_parser("rollback", help="make the previously current version current again")
     sign = sub.add_parser(
         "sign", help="(re-)sign versions with SENTIMENT_MODEL_SIGNING_KEY[_FILE], after checking their hashes"
@@ -273,19 +369,10 @@ def _run(registry: ModelRegistry, settings: Settings, args: argparse.Namespace) 
     if args.command == "feedback":
         return _feedback(registry, settings, args)
     if args.command == "show":
-        version = args.version or registry.current_version()
-        if version is None:
-            print("no current version", file=sys.stderr)
-            return 1
-        print(json.dumps(registry.get(version).metadata, indent=2, sort_keys=True))
-        return 0
+        return _show(registry, settings, args.version)
     if args.command == "promote":
-        previous = registry.promote(args.version)
-        print(f"current: {args.version} (was {previous})")
-        return 0
-    target = registry.rollback()
-    print(f"current: {target}")
-    return 0
+        return _promote(registry, settings, args.version, args.watch)
+    return _rollback(registry, settings)
 
 
 def _store_settings(settings: Settings, store: str | None) -> Settings:

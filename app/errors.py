@@ -76,6 +76,12 @@ class JobNotFoundError(SentimentServiceError):
     code = "job_not_found"
 
 
+class DriftCheckNotFoundError(SentimentServiceError):
+    """No stored drift check has this id (never, or pruned)."""
+
+    code = "drift_check_not_found"
+
+
 class ModelSignatureError(ArtifactIntegrityError):
     """A signing key is configured and the version's signature is missing or does not verify with it."""
 

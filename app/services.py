@@ -13,7 +13,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.migrations import DatabaseSchemaBehindError, require_current
 from app.ml.registry import ModelRegistry
 from app.monitoring.feedback import FeedbackCredentials, FeedbackService
-from app.monitoring.prediction_log import PredictionLog, PredictionRecorder
 from app.monitoring.status import DriftStatus
 from app.retrain.launcher import RetrainLauncher
 from app.retrain.webhooks import SOURCES, WebhookService, WebhookSource, verifiers
@@ -21,6 +20,8 @@ from app.serving.batcher import InferenceBatcher
 from app.serving.models import ModelManager
 from app.serving.predictor import Predictor
 from app.settings import Settings
+from app.storage.recorder import PredictionRecorder
+from app.storage.repositories import Repositories
 
 log = structlog.get_logger(__name__)
 
@@ -32,7 +33,7 @@ class Services:
     settings: Settings
     registry: ModelRegistry  # the model store
     models: ModelManager  # the model this worker serves, kept in sync with the store
-    predictions: PredictionLog  # the prediction database (predictions, labels, drift checks, retrain jobs)
+    storage: Repositories  # the service's database: predictions, labels, drift checks, retrain jobs, alerts
     recorder: PredictionRecorder
     batcher: InferenceBatcher
     predictor: Predictor
@@ -52,19 +53,19 @@ async def _load_models(settings: Settings) -> tuple[ModelRegistry, ModelManager]
     return registry, manager
 
 
-async def _open_prediction_db(settings: Settings) -> PredictionLog:
-    """Open the prediction log after checking its schema: one behind this code refuses the start
+async def _open_database(settings: Settings) -> Repositories:
+    """Open the database after checking its schema: one behind this code refuses the start
     (:class:`DatabaseSchemaBehindError`, logged ``database_schema_behind``); an unreachable database does
     not (predictions are served anyway and the recorder keeps retrying)."""
-    predictions = PredictionLog.from_settings(settings)
+    storage = Repositories.from_settings(settings)
     try:
-        await predictions.call(require_current, predictions.engine, "web")
+        await storage.database.call(require_current, storage.database.engine, "web")
     except SQLAlchemyError as exc:
         log.error("prediction_log_unavailable", reason=type(exc).__name__)
     except DatabaseSchemaBehindError:
-        predictions.dispose()
+        storage.dispose()
         raise
-    return predictions
+    return storage
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -81,15 +82,15 @@ async def build_services(settings: Settings, sources: Sequence[WebhookSource] = 
     async with contextlib.AsyncExitStack() as stack:
         registry, models = await _load_models(settings)
         stack.callback(registry.close)  # a store in the database holds connections; closed after the watcher
-        predictions = await _open_prediction_db(settings)
-        stack.callback(predictions.dispose)
-        recorder = PredictionRecorder.from_settings(predictions, settings)
+        storage = await _open_database(settings)
+        stack.callback(storage.dispose)
+        recorder = PredictionRecorder.from_settings(storage.predictions, settings)
         recorder.start()
         stack.push_async_callback(recorder.close)
         batcher = InferenceBatcher(settings.inference_max_batch, measure=settings.monitoring_enabled)
         batcher.start()
         stack.push_async_callback(batcher.stop)
-        drift_status = DriftStatus(predictions, settings.drift_status_refresh_seconds)
+        drift_status = DriftStatus(storage.drift_checks, settings.drift_status_refresh_seconds)
         for task in (
             asyncio.create_task(models.watch(), name="model-watcher"),
             asyncio.create_task(drift_status.watch(), name="drift-status"),
@@ -97,7 +98,7 @@ async def build_services(settings: Settings, sources: Sequence[WebhookSource] = 
             stack.push_async_callback(_cancel, task)
         launcher = RetrainLauncher(
             settings.model_store,
-            predictions,
+            storage.jobs,
             settings.retrain_cooldown_seconds,
             settings.as_env(),
             mode=settings.retrain_mode,
@@ -106,15 +107,25 @@ async def build_services(settings: Settings, sources: Sequence[WebhookSource] = 
             settings=settings,
             registry=registry,
             models=models,
-            predictions=predictions,
+            storage=storage,
             recorder=recorder,
             batcher=batcher,
             predictor=Predictor(models, batcher, recorder if settings.monitoring_enabled else None),
             drift_status=drift_status,
             feedback=FeedbackService(
-                predictions, recorder, settings.live_accuracy_window, FeedbackCredentials.from_settings(settings)
+                storage.predictions,
+                recorder,
+                settings.live_accuracy_window,
+                FeedbackCredentials.from_settings(settings),
             ),
             launcher=launcher,
-            webhooks=WebhookService(verifiers(settings, sources), settings.retrain_alert_names, predictions, launcher),
+            webhooks=WebhookService(
+                verifiers(settings, sources),
+                settings.retrain_alert_names,
+                storage.alerts,
+                launcher,
+                drift_checks=storage.drift_checks,
+                min_estimated_drop_points=settings.retrain_min_estimated_drop_points,
+            ),
             admin_token=settings.secret("admin_token"),
         )

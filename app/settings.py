@@ -190,10 +190,25 @@ class Settings(BaseSettings):
         "MMD test holds a (1,000 + window)² float32 kernel matrix, ~0.5 GB at the maximum).",
     )
     drift_check_interval_seconds: PositiveFloat = Field(
-        10.0, description="Longest time between drift checks while new predictions arrive."
+        10.0,
+        description="Longest time between drift checks while new predictions arrive (unless the minimum gap below "
+        "is longer).",
     )
     drift_check_every_predictions: PositiveInt = Field(
-        100, description="Also check as soon as this many new predictions arrived."
+        100, description="Also check as soon as this many new predictions arrived, once the minimum gap passed."
+    )
+    drift_min_check_interval_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="Least time between the starts of two drift checks (a new model version is checked at once). "
+        "The default is the cadence 100 new predictions give at 50 req/s; 0: no minimum.",
+    )
+    drift_max_cpu_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of one core drift checks may use: the next check starts no sooner than the last one's "
+        "CPU seconds divided by this after it started (the minimum gap is the larger of the two rules).",
     )
     drift_p_value: float = Field(
         0.05, gt=0, lt=1, description="Family-wise significance of the drift verdict (Bonferroni over the drift tests)."
@@ -251,6 +266,17 @@ class Settings(BaseSettings):
     retrain_alert_names: list[str] = Field(
         ["SentimentDriftDetected"], description="Alert names whose firing notifications start a retrain."
     )
+    retrain_min_estimated_drop_points: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="When set, a firing `SentimentDriftDetected` starts a retrain only if the latest drift check's "
+        "estimated accuracy (from confidence, no labels) is at least this many points below the version's reference "
+        "estimate; otherwise the webhook answers `skipped_harmless_drift`. A check without an estimate does not hold "
+        "a retrain back. Unset (default): drift alone retrains, because the estimate misses a concept shift and "
+        "understates real drops (docs/benchmarks.md#estimated-accuracy); 2 is the value to use (no in-domain window "
+        "reached it, 94-100 % of shifted ones did).",
+    )
     retrain_cooldown_seconds: float = Field(600.0, ge=0, description="Least time between two retrain starts.")
     retrain_promotion_margin: float = Field(
         0.01, ge=0, le=1, description="Most balanced accuracy a candidate may lose on the base holdout."
@@ -269,6 +295,28 @@ class Settings(BaseSettings):
         "sent labels (the others' shares grow to make up the rest); a lone token is not capped.",
     )
     retrain_min_labels: PositiveInt = Field(50, description="Fewest new feedback labels worth a retrain.")
+    retrain_shadow_min_rows: PositiveInt = Field(
+        100,
+        description="Fewest live predictions of the current version (texts the candidate was not fitted on, of "
+        "the latest `SENTIMENT_DRIFT_WINDOW_SIZE`) a candidate the gate passed is shadow-scored on; fewer: the "
+        "shadow is skipped (recorded, not blocking).",
+    )
+    retrain_shadow_min_agreement: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Least share of the live window on which the candidate must predict the current model's label; "
+        "below it the candidate is rejected (reason `shadow`). Two models at least 75 % accurate agree on at least "
+        "half the rows (agreement >= a1 + a2 - 1). 0: never blocks.",
+    )
+    retrain_shadow_max_estimated_drop: float = Field(
+        5.0,
+        ge=0,
+        le=100,
+        description="Most percentage points the candidate's estimated accuracy (mean confidence, "
+        "app/monitoring/performance.py) on the live window may lie below the current model's on the same texts; "
+        "beyond it the candidate is rejected (reason `shadow`). 100: never blocks.",
+    )
     retrain_max_seconds: PositiveFloat = Field(
         1800.0,
         description="Longest a retrain may run: past it, the retrain process records its job as failed "
@@ -299,6 +347,41 @@ class Settings(BaseSettings):
     )
     retrain_worker_metrics_host: str = Field(
         "127.0.0.1", description="Address a retrain worker's `/metrics` binds to (0.0.0.0 in containers)."
+    )
+
+    # Promotion watch
+    promotion_watch_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="How long after a retrain's promotion (or `app.cli promote --watch`) the drift monitor compares "
+        "the new version with the one it replaced and rolls it back on a significant drop; 0: no watch.",
+    )
+    promotion_watch_min_labels: PositiveInt = Field(
+        100,
+        description="Fewest feedback labels on the new version's predictions (and on the replaced version's) before "
+        "the watch compares their realised accuracy; it tests again each time the new version's labels double.",
+    )
+    promotion_watch_p_value: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Significance of the watch's one-sided two-proportion test over the whole watch: the k-th test "
+        "(at min-labels x 2^(k-1) labels) runs at this / 2^k, so repeated tests never add up to more.",
+    )
+    promotion_watch_min_drop: float = Field(
+        2.0,
+        ge=0,
+        le=100,
+        description="Least drop in realised accuracy, in percentage points, the watch rolls back for (with a "
+        "significant test).",
+    )
+    promotion_watch_max_estimated_drop: float = Field(
+        5.0,
+        ge=0,
+        le=100,
+        description="Most percentage points the new version's estimated accuracy on its latest live window (at "
+        "least 100 predictions) may lie below the replaced version's on the same texts; beyond it the watch rolls "
+        "back. 100: only realised accuracy rolls back.",
     )
 
     # Logs

@@ -161,7 +161,7 @@ def memory_child(engine: str, store: Path, windows_file: Path) -> None:
             "alibi_detect_imported": "alibi_detect" in sys.modules,
             "checks": MEMORY_CHECKS,
         }
-        monitor.store.dispose()
+        monitor.database.dispose()
     print(json.dumps(found))
 
 

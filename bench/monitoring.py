@@ -4,12 +4,13 @@
    drift monitor on (the supervised service, as ``scripts/serve`` runs it) and with all of it off
    (``SENTIMENT_MONITORING_ENABLED=false``, plain gunicorn), alternating three times; medians. Goal: on
    >= 90 % of off.
-2. p99 latency at a fixed moderate load (open loop, 100 req/s) while drift checks run back to back vs
-   while the monitor is idle. Goal: <= 1.5x.
+2. p99 latency at a fixed moderate load (open loop, 100 req/s) while drift checks run back to back (every
+   prediction, no minimum gap, no CPU budget) vs while the monitor is idle. Goal: <= 1.5x.
 3. Detection delay: in-domain traffic at 50 req/s, then clothing reviews at 50 req/s; time from the
    switch until ``sentiment_drift_detected`` is 1 on /metrics (default settings: window 500). Goal: <= 60 s.
 
 Usage: ``.venv/bin/python -m bench.monitoring [--seconds 15]``; writes ``bench/results/monitoring.json``.
+``--parts 3`` runs the detection delay alone and only prints it (the results file keeps whole runs).
 """
 
 from __future__ import annotations
@@ -83,10 +84,110 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: int) -> dict[str, Any]:
+    """Part 1: everything off, then everything on, alternating THROUGHPUT_ROUNDS times (the machine is shared
+    and noisy: single 15 s runs of "off" ranged 4,191-4,639 req/s)."""
+    offs, ons, checks = [], [], 0
+    for _ in range(THROUGHPUT_ROUNDS):
+        off = start_service(store, tmp / "off.log", SENTIMENT_MONITORING_ENABLED="false")
+        try:
+            offs.append(wrk(off.url, "bench/predict.lua", seconds, CONNECTIONS, env))
+        finally:
+            off.stop()
+        on = start_service(store, tmp / "on.log", supervised=True)
+        try:
+            wait_for_monitor(on)  # steady state: not the monitor's one-off torch import competing with wrk
+            ons.append(wrk(on.url, "bench/predict.lua", seconds, CONNECTIONS, env))
+            checks += sum(1 for e in on.logs() if e.get("event") in {"drift_checked", "drift_detected"})
+        finally:
+            on.stop()
+    off_rate = float(np.median([r["requests_per_s"] for r in offs]))
+    on_rate = float(np.median([r["requests_per_s"] for r in ons]))
+    print(
+        f"throughput (median of {THROUGHPUT_ROUNDS} alternating runs) off {off_rate:.0f} req/s, on "
+        f"{on_rate:.0f} req/s = {on_rate / off_rate:.1%} ({checks} drift checks ran meanwhile)",
+        flush=True,
+    )
+    return {
+        "throughput_off": offs,
+        "throughput_on": ons,
+        "drift_checks_during_load": checks,
+        "throughput_on_vs_off": on_rate / off_rate,
+    }
+
+
+def p99_during_checks(store: ModelRegistry, tmp: Path, in_domain: list[str], seconds: int) -> dict[str, Any]:
+    """Part 2: p99 at 100 req/s, monitor idle vs checking back to back (no minimum gap, no CPU budget)."""
+    p99: dict[str, Any] = {}
+    for name, every, interval in (("idle", "1000000000", "1000000"), ("checking", "1", "0.1")):
+        service = start_service(
+            store,
+            tmp / f"p99-{name}.log",
+            supervised=True,
+            SENTIMENT_DRIFT_CHECK_EVERY_PREDICTIONS=every,
+            SENTIMENT_DRIFT_CHECK_INTERVAL_SECONDS=interval,
+            SENTIMENT_DRIFT_MIN_CHECK_INTERVAL_SECONDS="0",
+            SENTIMENT_DRIFT_MAX_CPU_SHARE="1",
+        )
+        try:
+            wait_for_monitor(service)
+            asyncio.run(open_loop(service.url, in_domain, 100, 6))  # fill the window: checks are full tests
+            latencies = asyncio.run(open_loop(service.url, in_domain, 100, seconds))
+            checks = [e for e in service.logs() if e.get("event") in {"drift_checked", "drift_detected"}]
+        finally:
+            service.stop()
+        p99[name] = {
+            "p50_ms": percentile(latencies, 50),
+            "p99_ms": percentile(latencies, 99),
+            "requests": len(latencies),
+            "drift_checks": len(checks),
+        }
+    p99["ratio"] = p99["checking"]["p99_ms"] / p99["idle"]["p99_ms"]
+    print(
+        f"p99 at 100 req/s: idle {p99['idle']['p99_ms']:.1f} ms, during checks "
+        f"{p99['checking']['p99_ms']:.1f} ms ({p99['checking']['drift_checks']} checks) = {p99['ratio']:.2f}x",
+        flush=True,
+    )
+    return p99
+
+
+def detection_delays(store: ModelRegistry, tmp: Path, in_domain: list[str], clothing: list[str]) -> list[float | None]:
+    """Part 3: seconds from the switch to clothing reviews at 50 req/s until the flag is 1, default settings."""
+    service = start_service(store, tmp / "delay.log", supervised=True)
+    delays = []
+    try:
+        for run in range(3):
+            asyncio.run(open_loop(service.url, in_domain[run * 700 :], 50, 14))
+            deadline = time.monotonic() + 60
+            while drift_flag(service) != 0.0 and time.monotonic() < deadline:
+                asyncio.run(open_loop(service.url, in_domain, 50, 2))
+            switched = time.monotonic()
+
+            async def shifted(offset: int = run * 3000, switched: float = switched) -> float | None:
+                sender = asyncio.create_task(open_loop(service.url, clothing[offset:], 50, 90))
+                try:
+                    while time.monotonic() - switched < 90:
+                        await asyncio.sleep(0.5)
+                        if await asyncio.to_thread(drift_flag, service) == 1.0:
+                            return time.monotonic() - switched
+                    return None
+                finally:
+                    sender.cancel()
+
+            delay = asyncio.run(shifted())
+            delays.append(delay)
+            print(f"detection delay run {run + 1}: {delay if delay is None else round(delay, 1)} s", flush=True)
+    finally:
+        service.stop()
+    return delays
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--parts", default="1,2,3", help="comma-separated parts to run (see the module doc)")
     args = parser.parse_args()
+    parts = {int(part) for part in args.parts.split(",")}
     store = ModelRegistry(Settings().model_store)
     model = store.load_current()
     if model is None:
@@ -105,95 +206,15 @@ def main() -> None:
         text_file = tmp / "texts.txt"
         text_file.write_text("\n".join(in_domain) + "\n")
         env = {"BENCH_TEXTS": str(text_file), "PATH": "/usr/bin:/bin"}
+        if 1 in parts:
+            results.update(throughput(store, tmp, env, args.seconds))
+        if 2 in parts:
+            results["p99_during_drift_checks"] = p99_during_checks(store, tmp, in_domain, args.seconds)
+        if 3 in parts:
+            results["detection_delay_seconds"] = detection_delays(store, tmp, in_domain, clothing)
 
-        # 1. Throughput with everything off, then with everything on, alternating THROUGHPUT_ROUNDS times
-        #    (the machine is shared and noisy: single 15 s runs of "off" ranged 4,191-4,639 req/s).
-        offs, ons, checks = [], [], 0
-        for _ in range(THROUGHPUT_ROUNDS):
-            off = start_service(store, tmp / "off.log", SENTIMENT_MONITORING_ENABLED="false")
-            try:
-                offs.append(wrk(off.url, "bench/predict.lua", args.seconds, CONNECTIONS, env))
-            finally:
-                off.stop()
-            on = start_service(store, tmp / "on.log", supervised=True)
-            try:
-                wait_for_monitor(on)  # steady state: not the monitor's one-off torch import competing with wrk
-                ons.append(wrk(on.url, "bench/predict.lua", args.seconds, CONNECTIONS, env))
-                checks += sum(1 for e in on.logs() if e.get("event") in {"drift_checked", "drift_detected"})
-            finally:
-                on.stop()
-        results["throughput_off"] = offs
-        results["throughput_on"] = ons
-        results["drift_checks_during_load"] = checks
-        off_rate = float(np.median([r["requests_per_s"] for r in offs]))
-        on_rate = float(np.median([r["requests_per_s"] for r in ons]))
-        results["throughput_on_vs_off"] = on_rate / off_rate
-        print(
-            f"throughput (median of {THROUGHPUT_ROUNDS} alternating runs) off {off_rate:.0f} req/s, on "
-            f"{on_rate:.0f} req/s = {results['throughput_on_vs_off']:.1%} ({checks} drift checks ran meanwhile)",
-            flush=True,
-        )
-
-        # 2. p99 at 100 req/s: monitor idle vs checking back to back.
-        p99: dict[str, Any] = {}
-        for name, every, interval in (("idle", "1000000000", "1000000"), ("checking", "1", "0.1")):
-            service = start_service(
-                store,
-                tmp / f"p99-{name}.log",
-                supervised=True,
-                SENTIMENT_DRIFT_CHECK_EVERY_PREDICTIONS=every,
-                SENTIMENT_DRIFT_CHECK_INTERVAL_SECONDS=interval,
-            )
-            try:
-                wait_for_monitor(service)
-                asyncio.run(open_loop(service.url, in_domain, 100, 6))  # fill the window: checks are full tests
-                latencies = asyncio.run(open_loop(service.url, in_domain, 100, args.seconds))
-                checks = [e for e in service.logs() if e.get("event") in {"drift_checked", "drift_detected"}]
-            finally:
-                service.stop()
-            p99[name] = {
-                "p50_ms": percentile(latencies, 50),
-                "p99_ms": percentile(latencies, 99),
-                "requests": len(latencies),
-                "drift_checks": len(checks),
-            }
-        p99["ratio"] = p99["checking"]["p99_ms"] / p99["idle"]["p99_ms"]
-        results["p99_during_drift_checks"] = p99
-        print(
-            f"p99 at 100 req/s: idle {p99['idle']['p99_ms']:.1f} ms, during checks "
-            f"{p99['checking']['p99_ms']:.1f} ms ({p99['checking']['drift_checks']} checks) = {p99['ratio']:.2f}x",
-            flush=True,
-        )
-
-        # 3. Detection delay at 50 req/s with default drift settings.
-        service = start_service(store, tmp / "delay.log", supervised=True)
-        delays = []
-        try:
-            for run in range(3):
-                asyncio.run(open_loop(service.url, in_domain[run * 700 :], 50, 14))
-                deadline = time.monotonic() + 60
-                while drift_flag(service) != 0.0 and time.monotonic() < deadline:
-                    asyncio.run(open_loop(service.url, in_domain, 50, 2))
-                switched = time.monotonic()
-
-                async def shifted(offset: int = run * 3000, switched: float = switched) -> float | None:
-                    sender = asyncio.create_task(open_loop(service.url, clothing[offset:], 50, 90))
-                    try:
-                        while time.monotonic() - switched < 90:
-                            await asyncio.sleep(0.5)
-                            if await asyncio.to_thread(drift_flag, service) == 1.0:
-                                return time.monotonic() - switched
-                        return None
-                    finally:
-                        sender.cancel()
-
-                delay = asyncio.run(shifted())
-                delays.append(delay)
-                print(f"detection delay run {run + 1}: {delay if delay is None else round(delay, 1)} s", flush=True)
-        finally:
-            service.stop()
-        results["detection_delay_seconds"] = delays
-
+    if parts != {1, 2, 3}:
+        return
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "monitoring.json").write_text(json.dumps(results, indent=2) + "\n")
     print("wrote bench/results/monitoring.json")

@@ -34,9 +34,10 @@ from app.ml.data import Corpus, load_clothing, load_rotten_tomatoes, load_tweets
 from app.ml.model import build_model
 from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
 from app.ml.train import split_holdout, train_and_register
-from app.monitoring.prediction_log import PredictionLog
 from app.retrain.job import balanced, promotes, retrain
 from app.settings import Settings
+from app.storage.database import Database
+from app.storage.predictions import PredictionRepository
 from bench.monitoring import open_loop, percentile
 from tests.integration.services import start_service
 from tests.traffic import log_predictions
@@ -49,7 +50,7 @@ DEFAULT_MARGIN = Settings.model_fields["retrain_promotion_margin"].default
 RELOAD_WINDOW = 5.0  # s after a promotion: workers poll every 2 s and load within it
 
 
-def log_feedback(store: PredictionLog, model: Any, version: str, corpus: Corpus) -> None:
+def log_feedback(store: PredictionRepository, model: Any, version: str, corpus: Corpus) -> None:
     log_predictions(store, model, version, corpus.texts, corpus.labels)
 
 
@@ -59,7 +60,7 @@ def service_retrain(tmp: Path, base_store: Path, base_model: Any, feedback: Corp
     # margin 1.0: every candidate is kept and measured; the gate's verdict at the default is computed
     shutil.copytree(base_store, settings.model_store)
     upgrade(settings.prediction_log_url)
-    store = PredictionLog(settings.prediction_log_url)
+    store = PredictionRepository(Database(settings.prediction_log_url))
     log_feedback(store, base_model.model, base_model.version, feedback)
     outcome = retrain(settings, f"bench-{tmp.name}", "bench")
     candidate = ModelRegistry(settings.model_store).load(outcome.candidate_version or "")
@@ -84,7 +85,9 @@ def p99_during_retrains(tmp: Path, base_store: Path, base_model: Any) -> dict[st
     outcomes: list[str] = []
     try:
         texts = base_model.read_json(REFERENCE_ARTIFACT)["texts"]
-        plog = PredictionLog(f"sqlite:///{Path(service.env['SENTIMENT_STATE_DIR']) / 'predictions.db'}")
+        plog = PredictionRepository(
+            Database(f"sqlite:///{Path(service.env['SENTIMENT_STATE_DIR']) / 'predictions.db'}")
+        )
         tweets = load_tweets()
         for round_ in range(ROUNDS):
             idle += asyncio.run(open_loop(service.url, texts, 100, 15))

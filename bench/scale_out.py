@@ -9,7 +9,7 @@ One run measures, configurations alternated, ``--rounds`` (2) rounds each:
    SeaweedFS S3 model store; and of one 2-worker instance on PostgreSQL with the folder store, and on SQLite
    with the folder store (the single-machine default). Server, PostgreSQL and client CPU are counted, and
    after a graceful stop the prediction log's rows are counted against the 2xx answers.
-2. ``PredictionLog.insert_predictions`` in-process, batches of 100 / 500 / 2,000 rows (the recorder writes
+2. ``PredictionRepository.insert_predictions`` in-process, batches of 100 / 500 / 2,000 rows (the recorder writes
    what a worker buffered in 0.5 s, at most 2,000 per insert): rows/s and µs per row, SQLite file vs
    PostgreSQL, with the client's and the server's CPU per row.
 3. p99 at a fixed 100 req/s (open loop) over an idle window and while a retrain on fresh labelled tweets
@@ -42,7 +42,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,11 @@ from sqlalchemy import text
 
 from app.ml.data import LABELS, load_tweets
 from app.ml.registry import ModelRegistry
-from app.monitoring.prediction_log import FLUSH_CHUNK_ROWS, PredictionLog
 from app.settings import Settings
+from app.storage.database import Database
+from app.storage.predictions import PredictionRepository
+from app.storage.recorder import FLUSH_CHUNK_ROWS
+from app.storage.retrain_jobs import RetrainJobRepository
 from bench.backing import SharedServices, shared_services
 from bench.loadgen import STATS, Tally, closed_loop, open_loop, post_json
 from bench.serving import RESULTS
@@ -250,13 +253,13 @@ def logged_rows(layout: Layout, services: Sequence[Service], shared: SharedServi
     """Rows in the prediction log of this phase (read after the graceful stop); resets PostgreSQL's."""
     if layout.database == "sqlite":
         (service,) = services
-        log = PredictionLog(f"sqlite:///{Path(service.env['SENTIMENT_STATE_DIR']) / 'predictions.db'}")
+        log = Database(f"sqlite:///{Path(service.env['SENTIMENT_STATE_DIR']) / 'predictions.db'}")
         try:
             with log.engine.connect() as conn:
                 return int(conn.execute(text("SELECT count(*) FROM predictions")).scalar_one())
         finally:
             log.dispose()
-    log = PredictionLog(shared.database_url)
+    log = Database(shared.database_url)
     try:
         with log.engine.begin() as conn:
             rows = int(conn.execute(text("SELECT count(*) FROM predictions")).scalar_one())
@@ -319,7 +322,7 @@ def insert_rate(
 ) -> dict[str, Any]:
     """Insert batches of ``batch`` rows for about ``seconds``: rows/s, wall and CPU µs per row (the client's,
     and the database server's when ``server`` lists its processes)."""
-    log = PredictionLog(url)
+    log = PredictionRepository(Database(url))
     try:
         log.insert_predictions(rows_for(texts, batch, 0))  # connect and warm up outside the timing
         server_pids = server() if server else []  # the backend of the connection just opened included
@@ -334,7 +337,7 @@ def insert_rate(
             rows += batch
         server_cpu = cpu_seconds(server_pids) - server_before
     finally:
-        log.dispose()
+        log.database.dispose()
     return {
         "rows": int(rows),
         "rows_per_s": rows / wall,
@@ -413,18 +416,19 @@ def log_feedback(shared: SharedServices, folder: ModelRegistry, tweets: Any, rou
     assert model is not None
     offset = (round_ * 2 + (label == "queue")) * FEEDBACK_LABELS
     sample = tweets.subset(np.arange(offset, offset + FEEDBACK_LABELS) % len(tweets))
-    log = PredictionLog(shared.database_url)
+    database = Database(shared.database_url)
     try:
-        log_predictions(log, model.model, model.version, sample.texts, sample.labels)
+        log_predictions(PredictionRepository(database), model.model, model.version, sample.texts, sample.labels)
     finally:
-        log.dispose()
+        database.dispose()
 
 
 def retrain_window(service: Service, shared: SharedServices, texts: Sequence[str]) -> dict[str, Any]:
     """An idle window at RETRAIN_RATE, then a retrain started through /v1/retrain under the same load."""
     host, port = address(service)
     payloads = [post_json(f"{host}:{port}", "/v1/predict", json.dumps({"text": t}).encode()) for t in texts]
-    log = PredictionLog(shared.database_url)
+    database = Database(shared.database_url)
+    jobs = RetrainJobRepository(database)
     idle, busy = Sent(), Sent()
 
     def ignore(_status: int, _body: bytes) -> None:
@@ -441,7 +445,9 @@ def retrain_window(service: Service, shared: SharedServices, texts: Sequence[str
         began = time.monotonic()
         while time.monotonic() - began < RETRAIN_LIMIT_SECONDS:
             await open_loop(host, port, payloads, rate=RETRAIN_RATE, seconds=2.0, tally=busy, on_body=ignore)
-            (job,) = await asyncio.to_thread(log.jobs, 1, job_id)
+            found = await asyncio.to_thread(jobs.get, job_id)
+            assert found is not None
+            job = asdict(found)
             if job["finished_at"] is not None:
                 break
         return {"job": job, "answer": answer.json()}
@@ -449,7 +455,7 @@ def retrain_window(service: Service, shared: SharedServices, texts: Sequence[str
     try:
         outcome = run_async(run)
     finally:
-        log.dispose()
+        database.dispose()
     job = outcome["job"]
     end = job["finished_at"] or float("inf")
     during = [lat for t, lat, _ in busy.samples if job["started_at"] <= t <= end]
@@ -565,7 +571,7 @@ def main() -> None:
             instances = Instances(tmp, folder, shared)
             print("1 + 2b: saturation (closed loop)", flush=True)
             saturation = saturation_rounds(instances, texts, args)
-            print("2a: PredictionLog.insert_predictions in process", flush=True)
+            print("2a: PredictionRepository.insert_predictions in process", flush=True)
             inserts = insert_rounds(shared, tmp, texts, args)
             retrains = None
             if not args.skip_retrain:
@@ -628,7 +634,7 @@ def print_tables(results: dict[str, Any]) -> None:
             f"{name:<46} {s['requests_per_s_median']:7.0f} ({rounds:>14}) {s['p99_ms_median']:7.1f} "
             f"{s['service_cpu_ms_per_request']:10.3f} {s['postgresql_cpu_ms_per_request']:9.3f}"
         )
-    print("\nPredictionLog.insert_predictions, median of rounds")
+    print("\nPredictionRepository.insert_predictions, median of rounds")
     print(f"{'database, batch':<20} {'rows/s':>9} {'µs/row':>7} {'client CPU µs':>13} {'server CPU µs':>13}")
     for key, s in results["inserts"]["summary"].items():
         server = "-" if s["server_cpu_us_per_row_median"] is None else f"{s['server_cpu_us_per_row_median']:.1f}"

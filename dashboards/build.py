@@ -350,6 +350,26 @@ DRIFT = dashboard(
                 description="Restarts by app.supervisor; predictions lost before the prediction log, by reason.",
             ),
         ],
+        [
+            panel(
+                "Drift monitor CPU (seconds per minute)",
+                [
+                    target(
+                        f"sum by (instance) (rate(sentiment_drift_monitor_cpu_seconds_total[{RATE}])) * 60",
+                        "{{instance}}",
+                    )
+                ],
+                description="CPU seconds the drift monitor processes (leading or waiting) used per minute: 60 is one "
+                "core. Checks stay within SENTIMENT_DRIFT_MAX_CPU_SHARE of a core (30 at the default 0.5).",
+            ),
+            panel(
+                "Least time between drift check starts",
+                [target("max(sentiment_drift_check_min_interval_seconds)", "minimum gap")],
+                unit="s",
+                description="SENTIMENT_DRIFT_MIN_CHECK_INTERVAL_SECONDS, or the last check's CPU seconds over "
+                "SENTIMENT_DRIFT_MAX_CPU_SHARE when longer (the budget is what spaces checks out). 0 before the first.",
+            ),
+        ],
     ],
 )
 
@@ -368,7 +388,7 @@ RETRAINING = dashboard(
         ],
         [
             panel(
-                "Promotions and rejections",
+                "Promotions, rejections and automatic rollbacks",
                 [
                     target(
                         'sum(increase(sentiment_retrain_total{outcome="promoted"}[$__range])) or vector(0)', "promoted"
@@ -378,8 +398,15 @@ RETRAINING = dashboard(
                         "rejected",
                         "B",
                     ),
+                    target(
+                        "sum(increase(sentiment_model_rollbacks_total[$__range])) or vector(0)",
+                        "rolled back by the watch",
+                        "C",
+                    ),
                 ],
                 kind="stat",
+                description="Rejected: by the gate or the shadow. Rolled back: promotions the drift monitor's "
+                "promotion watch undid (GET /v1/models/{version}/events says why).",
             ),
             panel(
                 "Retrain duration",

@@ -53,11 +53,12 @@ def test_feedback_sources_lists_names_and_purge_forgets_one_names_labels(
     store: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from app.migrations import upgrade
-    from app.monitoring.prediction_log import PredictionLog
+    from app.storage.database import Database
+    from app.storage.predictions import PredictionRepository
 
     url = f"sqlite:///{tmp_path / 'predictions.db'}"
     upgrade(url)
-    log = PredictionLog(url)
+    log = PredictionRepository(Database(url))
     log.insert_predictions(
         [
             {
@@ -82,7 +83,56 @@ def test_feedback_sources_lists_names_and_purge_forgets_one_names_labels(
     assert rows == [["leaked", "3"], ["web", "1"]]
     assert main(["--store", str(store.root), "feedback", "revoke", "leaked"]) == 0
     assert "purged    3 labels of 'leaked'" in capsys.readouterr().out
-    assert [(r["id"], r["source"]) for r in log.labelled()] == [("p0", "web")]
+    assert [(r.id, r.source) for r in log.labelled()] == [("p0", "web")]
     assert log.get_prediction("p1") is not None  # the prediction stays
     assert main(["--store", str(store.root), "feedback", "purge", "leaked"]) == 0
     assert "purged    0 labels" in capsys.readouterr().out
+
+
+def test_promote_and_rollback_record_cli_events_and_show_prints_them(
+    store: ModelRegistry,
+    versions: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from app.migrations import upgrade
+
+    url = f"sqlite:///{tmp_path / 'predictions.db'}"
+    upgrade(url)
+    monkeypatch.setenv("SENTIMENT_DATABASE_URL", url)
+    cli = ["--store", str(store.root)]
+    assert main([*cli, "promote", versions[1], "--watch"]) == 0
+    assert "the drift monitor rolls it back on a drop" in capsys.readouterr().out
+    assert main([*cli, "rollback"]) == 0
+    capsys.readouterr()
+    assert main([*cli, "show", versions[1]]) == 0
+    out = capsys.readouterr().out
+    metadata, events = out.split("\nevents    ")
+    assert json.loads(metadata)["version"] == versions[1]  # the metadata is still whole JSON
+    lines = events.splitlines()
+    assert lines[0] == "2"
+    assert lines[1].split()[1:4] == ["promoted", "cli", "(manual)"]
+    assert json.loads(lines[1].split(None, 4)[4]) == {"previous": versions[0], "watch": True}
+    assert lines[2].split()[1:4] == ["rolled_back", "cli", "(manual)"]
+    assert json.loads(lines[2].split(None, 4)[4]) == {"reason": "manual", "restored": versions[0]}
+    assert main([*cli, "show"]) == 0  # the current version: restored by the rollback
+    assert "promoted     cli (rollback)" in capsys.readouterr().out
+
+
+def test_without_a_database_promote_still_promotes_and_show_says_no_events(
+    store: ModelRegistry,
+    versions: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SENTIMENT_STATE_DIR", str(tmp_path / "var"))  # no predictions.db there
+    assert main(["--store", str(store.root), "promote", versions[1]]) == 0
+    assert store.current_version() == versions[1]
+    assert "1 model event(s) not recorded" in capsys.readouterr().err
+    assert main(["--store", str(store.root), "show"]) == 0
+    assert capsys.readouterr().out.endswith("events    none recorded\n")
+    assert not (tmp_path / "var" / "predictions.db").exists()  # show never creates a database

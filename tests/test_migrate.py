@@ -18,11 +18,13 @@ from app.migrations import upgrade
 from app.ml.registry import MODEL_ARTIFACT, REFERENCE_ARTIFACT, ModelRegistry
 from app.ml.registry_db import model_pointer, model_versions
 from app.monitoring.log_copy import TABLES
-from app.monitoring.prediction_log import PredictionLog, metadata
 from app.settings import Settings
-from tests.monitoring.test_prediction_log import row
+from app.storage.database import metadata
+from app.storage.drift_checks import DriftCheck
+from app.storage.repositories import Repositories
 from tests.postgres import postgres, postgres_url  # noqa: F401  fixtures
 from tests.s3 import SeaweedS3, s3_prefix, seaweedfs  # noqa: F401  fixtures
+from tests.storage.test_predictions import row
 
 pytestmark = pytest.mark.integration
 
@@ -48,31 +50,31 @@ def one_machine(store: ModelRegistry, tmp_path: Path) -> Iterator[Install]:
     settings = Settings(model_store=store.root, state_dir=tmp_path / "var")
     url = settings.prediction_log_url
     upgrade(url)
-    log = PredictionLog(url)
+    log = Repositories.connect(url)
     try:
-        log.insert_predictions(
+        log.predictions.insert_predictions(
             [row(i, versions[i % 2], sentiment=("positive", "negative")[i % 3 == 0]) for i in range(PREDICTIONS)]
         )
         for i in range(0, 60, 3):
-            log.set_label(f"p{i:05d}", "negative", now=5000.0 + i, source="web" if i % 2 else "vendor")
+            log.predictions.set_label(f"p{i:05d}", "negative", now=5000.0 + i, source="web" if i % 2 else "vendor")
         for i in range(5):
-            log.insert_drift_check(
-                {
-                    "checked_at": 10.0 + i,
-                    "model_version": versions[1],
-                    "status": "no_drift",
-                    "drift": i == 4,
-                    "score": 0.01 * i,
-                    "window_size": 500,
-                    "details": {"i": i},
-                }
+            log.drift_checks.insert(
+                DriftCheck(
+                    checked_at=10.0 + i,
+                    model_version=versions[1],
+                    status="no_drift",
+                    drift=i == 4,
+                    score=0.01 * i,
+                    window_size=500,
+                    details={"i": i},
+                )
             )
-        log.create_job("job-1", "alertmanager", "drift", now=100.0, alerts=["fp1@t1"])
-        log.finish_job(
+        log.jobs.create_job("job-1", "alertmanager", "drift", now=100.0, alerts=["fp1@t1"])
+        log.jobs.finish_job(
             "job-1", "succeeded", "promoted", {"gate": {"ok": True}}, candidate_version=versions[1], now=160.0
         )
-        log.create_job("job-2", "manual", "operator", now=9000.0, alerts=["fp2@t2"])
-        log.finish_job("job-2", "failed", "failed", {"reason": "timeout"}, now=9100.0)
+        log.jobs.create_job("job-2", "manual", "operator", now=9000.0, alerts=["fp2@t2"])
+        log.jobs.finish_job("job-2", "failed", "failed", {"reason": "timeout"}, now=9100.0)
     finally:
         log.dispose()
     yield Install(url, store, settings)
@@ -157,19 +159,19 @@ def test_migrate_copies_versions_pointer_and_rows_and_a_second_run_copies_nothin
     assert sum(1 for r in after["predictions"] if r["label_source"] == "web") == 10
 
     # The service's own code works against the copy: its next drift check gets a fresh id.
-    log = PredictionLog(str(target.database_url))
+    log = Repositories.connect(str(target.database_url))
     try:
-        log.insert_drift_check(
-            {
-                "checked_at": 99.0,
-                "model_version": "v",
-                "status": "no_drift",
-                "drift": False,
-                "window_size": 1,
-                "details": {},
-            }
+        log.drift_checks.insert(
+            DriftCheck(
+                checked_at=99.0,
+                model_version="v",
+                status="no_drift",
+                drift=False,
+                window_size=1,
+                details={},
+            )
         )
-        assert log.count_predictions() == PREDICTIONS
+        assert log.predictions.count_predictions() == PREDICTIONS
     finally:
         log.dispose()
 

@@ -1,4 +1,4 @@
-"""Simulated traffic for tests and benchmarks: real predictions of a real model, written to the log."""
+"""Simulated traffic for tests and benchmarks: real predictions of a real model, written to the predictions table."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.ml.data import LABELS
-from app.monitoring.prediction_log import PredictionLog
+from app.storage.predictions import PredictionRepository
 
 
 def log_predictions(
-    store: PredictionLog,
+    store: PredictionRepository,
     pipeline: Any,
     version: str,
     texts: Sequence[str],

@@ -15,7 +15,6 @@ from fastapi import Depends, Request
 from app.errors import UnsupportedMediaTypeError
 from app.ml.registry import ModelRegistry
 from app.monitoring.feedback import FeedbackService
-from app.monitoring.prediction_log import PredictionLog
 from app.monitoring.status import DriftStatus
 from app.retrain.launcher import RetrainLauncher
 from app.retrain.webhooks import WebhookService
@@ -23,6 +22,11 @@ from app.services import Services
 from app.serving.models import ModelManager
 from app.serving.predictor import Predictor
 from app.settings import Settings
+from app.storage.database import Database
+from app.storage.drift_checks import DriftCheckRepository
+from app.storage.model_events import ModelEventRepository
+from app.storage.predictions import PredictionRepository
+from app.storage.retrain_jobs import RetrainJobRepository
 
 T = TypeVar("T")
 
@@ -58,7 +62,11 @@ SettingsDep = Annotated[Settings, Depends(_field(lambda s: s.settings))]
 RegistryDep = Annotated[ModelRegistry, Depends(_field(lambda s: s.registry))]
 ModelsDep = Annotated[ModelManager, Depends(_field(lambda s: s.models))]
 PredictorDep = Annotated[Predictor, Depends(_field(lambda s: s.predictor))]
-PredictionsDep = Annotated[PredictionLog, Depends(_field(lambda s: s.predictions))]
+DatabaseDep = Annotated[Database, Depends(_field(lambda s: s.storage.database))]
+DriftChecksDep = Annotated[DriftCheckRepository, Depends(_field(lambda s: s.storage.drift_checks))]
+PredictionsDep = Annotated[PredictionRepository, Depends(_field(lambda s: s.storage.predictions))]
+RetrainJobsDep = Annotated[RetrainJobRepository, Depends(_field(lambda s: s.storage.jobs))]
+ModelEventsDep = Annotated[ModelEventRepository, Depends(_field(lambda s: s.storage.events))]
 DriftStatusDep = Annotated[DriftStatus, Depends(_field(lambda s: s.drift_status))]
 FeedbackDep = Annotated[FeedbackService, Depends(_field(lambda s: s.feedback))]
 WebhooksDep = Annotated[WebhookService, Depends(_field(lambda s: s.webhooks))]

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import (
     ArtifactIntegrityError,
+    DriftCheckNotFoundError,
     FeedbackConflictError,
     InvalidInputError,
     JobNotFoundError,
@@ -34,6 +35,7 @@ STATUS_BY_ERROR: dict[type[SentimentServiceError], int] = {
     VersionNotFoundError: 404,
     PredictionNotFoundError: 404,
     JobNotFoundError: 404,
+    DriftCheckNotFoundError: 404,
     UnauthorizedError: 401,
     WebhookConfigurationError: 500,
     FeedbackConflictError: 409,

@@ -1,16 +1,18 @@
-"""``GET /v1/models``, ``/v1/models/current`` and ``/v1/models/{version}``: what the model store holds and
-what this worker serves."""
+"""``GET /v1/models``, ``/v1/models/current``, ``/v1/models/{version}`` and ``/v1/models/{version}/events``: what
+the model store holds, what this worker serves, and each version's audit trail."""
 
 from __future__ import annotations
 
 import re
 
 from fastapi import APIRouter
+from sqlalchemy.exc import SQLAlchemyError
 
-from app.api.deps import ModelsDep, RegistryDep
-from app.api.schemas import ErrorOut, ModelListOut, ModelVersionOut
-from app.errors import VersionNotFoundError
+from app.api.deps import ModelEventsDep, ModelsDep, RegistryDep
+from app.api.schemas import ErrorOut, ModelEventOut, ModelEventsOut, ModelListOut, ModelVersionOut
+from app.errors import StorageUnavailableError, VersionNotFoundError
 from app.ml.registry import ModelVersion
+from app.monitoring.status import utc
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -59,6 +61,34 @@ async def current_model(registry: RegistryDep, models: ModelsDep) -> ModelVersio
     summary="One registered model version",
 )
 async def get_model(version: str, registry: RegistryDep) -> ModelVersionOut:
+    _check_name(version)
+    return _out(registry.get(version), registry.current_version())
+
+
+@router.get(
+    "/{version}/events",
+    response_model=ModelEventsOut,
+    responses={404: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    summary="A model version's lifecycle events, oldest first",
+)
+async def model_events(version: str, registry: RegistryDep, events: ModelEventsDep) -> ModelEventsOut:
+    _check_name(version)
+    registry.get(version)  # VersionNotFoundError: 404
+    try:
+        found = await events.call(events.for_version, version)
+    except SQLAlchemyError as exc:
+        raise StorageUnavailableError("the database is unavailable; retry later") from exc
+    return ModelEventsOut(
+        version=version,
+        events=[
+            ModelEventOut(
+                occurred_at=utc(e.occurred_at), event=e.event, trigger=e.trigger, actor=e.actor, details=e.details
+            )
+            for e in found
+        ],
+    )
+
+
+def _check_name(version: str) -> None:
     if not _VERSION_NAME.fullmatch(version):
         raise VersionNotFoundError("no such model version")  # not echoed: it can be 1 KiB of control bytes
-    return _out(registry.get(version), registry.current_version())

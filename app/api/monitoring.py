@@ -1,19 +1,44 @@
-"""``GET /v1/drift``, ``POST /v1/feedback`` and ``GET /metrics``."""
+"""``GET /v1/drift``, ``GET /v1/drift/checks/{id}``, ``POST /v1/feedback`` and ``GET /metrics``."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response, Security
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.api.deps import DriftStatusDep, FeedbackDep, JsonBody, LauncherDep, PredictionsDep
-from app.api.schemas import DriftOut, ErrorOut, FeedbackIn, FeedbackOut
-from app.errors import StorageUnavailableError
+from app.api.deps import (
+    DriftChecksDep,
+    DriftStatusDep,
+    FeedbackDep,
+    JsonBody,
+    LauncherDep,
+    PredictionsDep,
+    SettingsDep,
+)
+from app.api.schemas import (
+    AccuracyEstimateOut,
+    DriftCheckDetailOut,
+    DriftCheckOut,
+    DriftExplanationOut,
+    DriftOut,
+    DriftSummary,
+    ErrorOut,
+    EstimatedAccuracyOut,
+    ExplainedCheckOut,
+    FeedbackIn,
+    FeedbackOut,
+    LiveAccuracyOut,
+)
+from app.errors import DriftCheckNotFoundError, StorageUnavailableError
 from app.monitoring.metrics import RetrainLockCollector, render
+from app.monitoring.performance import estimated_drop
+from app.monitoring.report import drift_report, estimates_of
 from app.monitoring.status import utc
+from app.storage.drift_checks import DriftCheck
 
 router = APIRouter(tags=["monitoring"])
 
@@ -34,22 +59,79 @@ async def feedback_source(
     return service.authenticate(request.headers.get("authorization", ""))
 
 
+def _check_out(check: DriftCheck) -> DriftCheckOut:
+    return DriftCheckOut(
+        **{**asdict(check), "checked_at": utc(check.checked_at), "explained": check.explanation is not None}
+    )
+
+
+def _estimated_out(check: DriftCheck | None) -> EstimatedAccuracyOut | None:
+    estimates = None if check is None or check.id is None else estimates_of(check)
+    if check is None or check.id is None or estimates is None:
+        return None
+    window, reference = estimates
+    return EstimatedAccuracyOut(
+        **window.to_dict(),
+        check_id=check.id,
+        checked_at=utc(check.checked_at),
+        model_version=check.model_version,
+        reference=None if reference is None else AccuracyEstimateOut(**reference.to_dict()),
+        drop_points=None if reference is None else round(estimated_drop(window, reference) * 100, 2),
+    )
+
+
+def _explained_out(check: DriftCheck | None) -> ExplainedCheckOut | None:
+    if check is None or check.id is None or check.explanation is None:
+        return None
+    return ExplainedCheckOut(
+        check_id=check.id,
+        checked_at=utc(check.checked_at),
+        model_version=check.model_version,
+        explanation=DriftExplanationOut.model_validate(check.explanation),
+    )
+
+
 @router.get(
     "/v1/drift", response_model=DriftOut, responses={503: {"model": ErrorOut}}, summary="Drift status and recent checks"
 )
 async def drift(
+    drift_checks: DriftChecksDep,
     predictions: PredictionsDep,
+    settings: SettingsDep,
     status: DriftStatusDep,
     limit: Annotated[int, Query(ge=1, le=500, description="How many recent checks to return.")] = 20,
-) -> dict[str, Any]:
+) -> DriftOut:
     try:
-        history = await predictions.call(predictions.drift_history, limit)
+        report = await drift_checks.call(drift_report, drift_checks, predictions, limit, settings.live_accuracy_window)
     except SQLAlchemyError as exc:
         raise StorageUnavailableError("the prediction log is unavailable; retry later") from exc
-    for check in history:
-        check["checked_at"] = utc(check["checked_at"])
     await status.update()
-    return {"current": status.summary, "history": history}
+    return DriftOut(
+        current=DriftSummary(**status.summary),
+        history=[_check_out(check) for check in report.history],
+        estimated_accuracy=_estimated_out(report.estimated),
+        live_accuracy=LiveAccuracyOut(**asdict(report.live_accuracy)),
+        explanation=_explained_out(report.explained),
+    )
+
+
+@router.get(
+    "/v1/drift/checks/{check_id}",
+    response_model=DriftCheckDetailOut,
+    responses={status: {"model": ErrorOut} for status in (404, 422, 503)},
+    summary="One drift check and its explanation",
+)
+async def drift_check(
+    check_id: Annotated[int, Path(ge=1, le=2**31 - 1, description="The check's id, as `/v1/drift` lists it.")],
+    drift_checks: DriftChecksDep,
+) -> DriftCheckDetailOut:
+    try:
+        check = await drift_checks.call(drift_checks.get, check_id)
+    except SQLAlchemyError as exc:
+        raise StorageUnavailableError("the prediction log is unavailable; retry later") from exc
+    if check is None:
+        raise DriftCheckNotFoundError(f"no drift check {check_id}", details={"check_id": check_id})
+    return DriftCheckDetailOut(**_check_out(check).model_dump(), explanation=check.explanation)
 
 
 @router.post(

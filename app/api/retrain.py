@@ -9,13 +9,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from app.api.deps import JsonBody, LauncherDep, PredictionsDep, ServicesDep, WebhooksDep
+from app.api.deps import DatabaseDep, JsonBody, LauncherDep, RetrainJobsDep, ServicesDep, WebhooksDep
 from app.api.schemas import ErrorOut, RetrainJobOut, WebhookOut
 from app.errors import JobNotFoundError
-from app.monitoring.prediction_log import PredictionLog
 from app.monitoring.status import utc
 from app.retrain.alerts import UnauthorizedError, bearer_matches
 from app.retrain.webhooks import WebhookService, WebhookSource
+from app.storage.database import Database
+from app.storage.retrain_jobs import RetrainJob
 
 router = APIRouter(tags=["retrain"])
 _ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (401, 413, 415, 422)}
@@ -51,11 +52,11 @@ def _documented_body(payload: type[BaseModel]) -> dict[str, Any]:
 
 def _receiver(
     source: WebhookSource,
-) -> Callable[[Request, WebhookService, PredictionLog], Coroutine[Any, Any, JSONResponse]]:
-    async def receive(request: Request, service: WebhooksDep, predictions: PredictionsDep) -> JSONResponse:
+) -> Callable[[Request, WebhookService, Database], Coroutine[Any, Any, JSONResponse]]:
+    async def receive(request: Request, service: WebhooksDep, database: DatabaseDep) -> JSONResponse:
         body = await request.body()
-        # on the prediction database's own threads: a hung database holds those, not /metrics' or reloads'
-        result = await predictions.call(service.handle, source, request.headers, body)
+        # on the database's own threads: a hung database holds those, not /metrics' or reloads'
+        result = await database.call(service.handle, source, request.headers, body)
         return JSONResponse(WebhookOut(**result.__dict__).model_dump(), status_code=202)
 
     return receive
@@ -80,8 +81,18 @@ def webhook_router(sources: Sequence[WebhookSource]) -> APIRouter:
     return webhooks
 
 
-def _job(row: dict[str, Any]) -> RetrainJobOut:
-    return RetrainJobOut(**{**row, "started_at": utc(row["started_at"]), "finished_at": utc(row["finished_at"])})
+def _job(job: RetrainJob) -> RetrainJobOut:
+    return RetrainJobOut(
+        id=job.id,
+        trigger=job.trigger,
+        reason=job.reason,
+        status=job.status,
+        outcome=job.outcome,
+        started_at=utc(job.started_at),
+        finished_at=utc(job.finished_at),
+        candidate_version=job.candidate_version,
+        details=job.details,
+    )
 
 
 @router.post(
@@ -92,8 +103,8 @@ def _job(row: dict[str, Any]) -> RetrainJobOut:
     responses={401: {"model": ErrorOut}},
     summary="Start a retrain now (admin)",
 )
-async def start_retrain(launcher: LauncherDep, predictions: PredictionsDep) -> JSONResponse:
-    launch = await predictions.call(launcher.start, "manual", "requested through /v1/retrain")
+async def start_retrain(launcher: LauncherDep, database: DatabaseDep) -> JSONResponse:
+    launch = await database.call(launcher.start, "manual", "requested through /v1/retrain")
     body = WebhookOut(status=launch.action, job_id=launch.job_id, retry_after_seconds=launch.retry_after_seconds)
     return JSONResponse(body.model_dump(), status_code=202)
 
@@ -105,9 +116,9 @@ async def start_retrain(launcher: LauncherDep, predictions: PredictionsDep) -> J
     responses={401: {"model": ErrorOut}},
     summary="Recent retrain jobs, newest first (admin)",
 )
-async def list_jobs(predictions: PredictionsDep, launcher: LauncherDep) -> list[RetrainJobOut]:
-    await predictions.call(launcher.reconcile)
-    return [_job(r) for r in await predictions.call(predictions.jobs, 50)]
+async def list_jobs(jobs: RetrainJobsDep, launcher: LauncherDep) -> list[RetrainJobOut]:
+    await jobs.call(launcher.reconcile)
+    return [_job(job) for job in await jobs.call(jobs.recent, 50)]
 
 
 @router.get(
@@ -117,9 +128,9 @@ async def list_jobs(predictions: PredictionsDep, launcher: LauncherDep) -> list[
     responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}},
     summary="One retrain job (admin)",
 )
-async def get_job(job_id: str, predictions: PredictionsDep, launcher: LauncherDep) -> RetrainJobOut:
-    await predictions.call(launcher.reconcile)
-    rows = await predictions.call(predictions.jobs, 1, job_id)
-    if not rows:
+async def get_job(job_id: str, jobs: RetrainJobsDep, launcher: LauncherDep) -> RetrainJobOut:
+    await jobs.call(launcher.reconcile)
+    job = await jobs.call(jobs.get, job_id)
+    if job is None:
         raise JobNotFoundError(f"no retrain job {job_id!r}", details={"job_id": job_id})
-    return _job(rows[0])
+    return _job(job)

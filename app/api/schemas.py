@@ -113,6 +113,92 @@ class DriftCheckOut(BaseModel):
     window_size: int
     confidence_mean: float | None
     details: dict[str, Any]
+    id: int | None = Field(None, description="The check's id: `GET /v1/drift/checks/{id}`.")
+    estimated_accuracy: float | None = Field(
+        None, description="The window's accuracy estimated from the model's confidence (no labels); full windows only."
+    )
+    estimated_accuracy_low: float | None = Field(None, description="Lower end of its 95 % band.")
+    estimated_accuracy_high: float | None = Field(None, description="Upper end of its 95 % band.")
+    explained: bool = Field(False, description="An explanation of the drift is stored with the check.")
+
+
+class AccuracyEstimateOut(BaseModel):
+    """A label-free accuracy estimate (a share, 0.81 not 81) and the 95 % band the realised accuracy should
+    fall in if the model's probabilities are calibrated on the traffic."""
+
+    estimate: float
+    low: float
+    high: float
+    window_size: int = Field(description="Predictions (or reference rows) behind it.")
+    method: str = Field(description='The estimator: "confidence" (mean probability of the predicted label).')
+
+
+class EstimatedAccuracyOut(AccuracyEstimateOut):
+    """The latest full window's estimate, next to the same estimate on its version's held-out reference."""
+
+    model_config = ConfigDict(protected_namespaces=())
+    check_id: int
+    checked_at: datetime
+    model_version: str
+    reference: AccuracyEstimateOut | None = Field(description="The version's reference estimate.")
+    drop_points: float | None = Field(description="Percentage points the window's estimate lies below the reference's.")
+
+
+class LiveAccuracyOut(BaseModel):
+    """Realised accuracy from feedback labels."""
+
+    accuracy: float | None = Field(description="Accuracy over the latest labelled predictions (null: none yet).")
+    labelled: int = Field(description="Labelled predictions behind it.")
+    window: int = Field(description="Most labelled predictions it counts (`SENTIMENT_LIVE_ACCURACY_WINDOW`).")
+
+
+class TermOut(BaseModel):
+    """An n-gram whose share of texts differs between the window and the reference."""
+
+    term: str = Field(description='A lower-cased word or two-word n-gram, as plain text ("this dress").')
+    window_rate: float = Field(description="Share of window texts containing it.")
+    reference_rate: float = Field(description="Share of reference texts containing it.")
+    log_ratio: float = Field(description="Natural log of the smoothed window rate over the reference rate.")
+    z: float = Field(description="Signed root of the likelihood-ratio statistic (> 0: over-represented).")
+
+
+class ExampleOut(BaseModel):
+    text: str = Field(description="A live text of the window, verbatim.")
+    score: float = Field(description="The domain classifier's out-of-fold P(window) for it (0.5: undecided).")
+
+
+class DriftExplanationOut(BaseModel):
+    """What separates a flagged window from the reference (app/monitoring/explain.py)."""
+
+    format_version: int
+    domain_auc: float = Field(description="Cross-validated ROC AUC of a classifier telling window from reference.")
+    domain_auc_folds: list[float]
+    window_rows: int
+    reference_rows: int
+    features: int
+    examples: list[ExampleOut] = Field(description="The live texts least like the reference, least like it first.")
+    over_represented: list[TermOut] | None = Field(description="null: the reference keeps no texts to compare.")
+    under_represented: list[TermOut] | None
+    terms_tested: int
+    term_z_threshold: float | None
+    reference_term_texts: int
+    seconds: float = Field(description="Time the drift monitor took to compute it.")
+
+
+class ExplainedCheckOut(BaseModel):
+    """The latest check that flagged drift with an explanation."""
+
+    model_config = ConfigDict(protected_namespaces=())
+    check_id: int
+    checked_at: datetime
+    model_version: str
+    explanation: DriftExplanationOut
+
+
+class DriftCheckDetailOut(DriftCheckOut):
+    """One drift check and its explanation (null: none stored)."""
+
+    explanation: DriftExplanationOut | None
 
 
 class DriftOut(BaseModel):
@@ -120,6 +206,13 @@ class DriftOut(BaseModel):
 
     current: DriftSummary
     history: list[DriftCheckOut]
+    estimated_accuracy: EstimatedAccuracyOut | None = Field(
+        None, description="The latest full window's label-free accuracy estimate (null: none yet)."
+    )
+    live_accuracy: LiveAccuracyOut | None = None
+    explanation: ExplainedCheckOut | None = Field(
+        None, description="The latest check that flagged drift and was explained (null: none)."
+    )
 
 
 class FeedbackIn(BaseModel):
@@ -163,6 +256,25 @@ class ModelListOut(BaseModel):
     versions: list[ModelVersionOut]
 
 
+class ModelEventOut(BaseModel):
+    """One lifecycle event of a model version (app/storage/model_events.py)."""
+
+    occurred_at: datetime
+    event: str = Field(
+        description="registered, gated, shadowed, promoted, rejected, superseded, rolled_back or watch_passed"
+    )
+    trigger: str | None = Field(description="What caused it: the retrain's trigger, watch, rollback; null if none")
+    actor: str = Field(description="Who did it: retrain:<job id>, cli, monitor")
+    details: dict[str, Any] = Field(description="The figures behind it (gate, shadow, watch figures, reason)")
+
+
+class ModelEventsOut(BaseModel):
+    """A model version's audit trail, oldest event first."""
+
+    version: str
+    events: list[ModelEventOut]
+
+
 class HealthOut(BaseModel):
     status: str
 
@@ -189,8 +301,10 @@ class WebhookOut(BaseModel):
     """What a notification (or a manual retrain request) did."""
 
     status: str = Field(
-        description="retrain_started, already_running, cooldown, duplicate or ignored; with "
-        "SENTIMENT_RETRAIN_MODE=queue, queued or already_queued instead of retrain_started and already_running"
+        description="retrain_started, already_running, cooldown, duplicate, ignored or skipped_harmless_drift (the "
+        "drift alert with SENTIMENT_RETRAIN_MIN_ESTIMATED_DROP_POINTS set, while the estimated accuracy has not "
+        "dropped that far); with SENTIMENT_RETRAIN_MODE=queue, queued or already_queued instead of retrain_started "
+        "and already_running"
     )
     job_id: str | None = None
     alerts: int = Field(0, description="Alerts of the notification that matter (firing, configured name).")

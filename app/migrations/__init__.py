@@ -1,7 +1,7 @@
 """Schema migrations of the prediction database (Alembic): upgrade, adopt, and the start-up schema check.
 
 The revisions are in ``versions/``, run by ``env.py`` against the tables of
-:mod:`app.monitoring.prediction_log` (its ``metadata``). Alembic is configured here, in code, from this
+:mod:`app.storage.database` (its ``metadata``). Alembic is configured here, in code, from this
 folder: it works from any working directory and from an installed image, with no ``alembic.ini``.
 
 - ``python -m app.cli db upgrade`` (:func:`upgrade`) is the only thing that changes the schema.

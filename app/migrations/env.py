@@ -13,8 +13,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
 import app.ml.registry_db  # noqa: F401  the model registry's tables join the metadata
-from app.monitoring.prediction_log import metadata
 from app.settings import Settings
+from app.storage.database import metadata
 
 
 def run(connection: Connection) -> None:

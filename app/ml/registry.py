@@ -690,10 +690,22 @@ class ModelRegistry:
         log.info("model_promoted", model_version=version, previous_version=previous)
         return previous
 
-    def rollback(self) -> str:
-        """Make the previously current version current again; returns it."""
+    def rollback(self, expected_current: str | None = None, *, reject: bool = False) -> str:
+        """Make the previously current version current again; returns it.
+
+        With ``expected_current`` (the promotion watch passes the version it judged), the rollback happens only
+        if that version is still current, checked inside the store's serialised change: otherwise an operator
+        promoted or rolled back meanwhile and :class:`CurrentVersionChangedError` leaves their choice in place.
+        With ``reject``, the version rolled back from becomes ``rejected`` (never promoted again) instead of
+        ``archived``.
+        """
         with self.backend.change() as change:
             pointer = change.pointer()
+            if expected_current is not None and pointer.version != expected_current:
+                raise CurrentVersionChangedError(
+                    f"not rolled back: {expected_current} was expected to be current, but {pointer.version} is",
+                    details={"reason": "not_current", "expected": expected_current, "current": pointer.version},
+                )
             if not pointer.history:
                 raise ModelStoreError("nothing to roll back to: no earlier version was ever current")
             target = pointer.history[-1]
@@ -702,8 +714,8 @@ class ModelRegistry:
             _set_stage(change, target, "production")
             if pointer.version:
                 with contextlib.suppress(VersionNotFoundError):
-                    _set_stage(change, pointer.version, "archived")
-        log.info("model_rolled_back", model_version=target, previous_version=pointer.version)
+                    _set_stage(change, pointer.version, "rejected" if reject else "archived")
+        log.info("model_rolled_back", model_version=target, previous_version=pointer.version, rejected=reject)
         return target
 
     def sign(self, version: str) -> None:

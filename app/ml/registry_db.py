@@ -43,7 +43,7 @@ from app.ml.registry import (
     parse_pointer,
     verbatim_card,
 )
-from app.monitoring.prediction_log import CONNECT_ARGS, metadata
+from app.storage.database import CONNECT_ARGS, metadata
 
 if TYPE_CHECKING:
     from app.ml.artifact_store import ArtifactStore
@@ -105,7 +105,7 @@ def _pointer(row: Any) -> Pointer:
 
 
 def open_engine(url: str, connect_timeout: float = 3.0, statement_timeout: float = 5.0) -> Engine:
-    """An engine for the registry's tables, with the driver timeouts the prediction log uses."""
+    """An engine for the registry's tables, with the driver timeouts :class:`app.storage.database.Database` uses."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite" and parsed.database and parsed.database != ":memory:":

@@ -1,1 +1,1 @@
-"""Monitoring: Prometheus metrics, the shared prediction log, and the drift monitor process."""
+"""Monitoring: Prometheus metrics, drift tests, feedback, and the drift monitor process."""

@@ -37,6 +37,8 @@ from scipy.stats import binomtest, chi2_contingency, ks_2samp
 from app.ml.drift_reference import DriftReference, embed
 from app.ml.model import SentimentModel, decide
 from app.monitoring.mmd import DEFAULT_ENGINE, build_engine
+from app.storage.drift_checks import DriftCheck
+from app.storage.predictions import WindowRow
 
 TAIL_PERCENTILES = (1.0, 99.0)
 HEADLINE_TEST = "mmd"
@@ -197,8 +199,9 @@ class DriftResult:
     confidence_mean: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
-    def record(self) -> dict[str, Any]:
-        return asdict(self)
+    def record(self) -> DriftCheck:
+        """The check as the database stores it."""
+        return DriftCheck(**asdict(self))
 
 
 class DriftDetector:
@@ -235,12 +238,17 @@ class DriftDetector:
         ]
         self.names = names
 
-    def check(self, rows: list[dict[str, Any]], now: float | None = None) -> DriftResult:
-        """Test the latest window (rows with text, confidence, p_positive), or say it is not full yet."""
+    def check(self, rows: Sequence[WindowRow], now: float | None = None) -> DriftResult:
+        """Test the latest window (its text, confidence, p_positive), or say it is not full yet."""
+        return self.check_window(rows, now)[0]
+
+    def check_window(self, rows: Sequence[WindowRow], now: float | None = None) -> tuple[DriftResult, Window | None]:
+        """:meth:`check`, and the full window it tested (None while not full): the drift monitor estimates
+        accuracy from its ``p_positive`` and explains drift from its embeddings without computing them again."""
         now = now or time.time()
-        confidence = np.array([r["confidence"] for r in rows], dtype=np.float64)
+        confidence = np.array([r.confidence for r in rows], dtype=np.float64)
         if len(rows) < self.window_size:
-            return DriftResult(
+            insufficient = DriftResult(
                 now,
                 self.model_version,
                 "insufficient_data",
@@ -249,14 +257,15 @@ class DriftDetector:
                 confidence_mean=float(confidence.mean()) if len(rows) else None,
                 details={"needed": self.window_size, "reference_size": self.reference.size},
             )
-        texts = [r["text"] for r in rows]
+            return insufficient, None
+        texts = [r.text for r in rows]
         window = Window(
             embeddings=embed(self.model, self.reference.components, texts),
             lengths=np.array([len(t) for t in texts], dtype=np.float64),
             confidence=confidence,
-            p_positive=np.array([r["p_positive"] for r in rows], dtype=np.float64),
+            p_positive=np.array([r.p_positive for r in rows], dtype=np.float64),
         )
-        return self.test(window, now)
+        return self.test(window, now), window
 
     def test(self, window: Window, now: float | None = None) -> DriftResult:
         """Every test of the family on a full window, and the corrected verdict."""

@@ -19,15 +19,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.errors import FeedbackConflictError, PredictionNotFoundError, StorageUnavailableError
 from app.monitoring import metrics
-from app.monitoring.prediction_log import (
-    LEGACY_SOURCE,
-    LabelOutcome,
-    LabelResult,
-    PredictionLog,
-    PredictionRecorder,
-)
 from app.retrain.alerts import UnauthorizedError
 from app.settings import Settings
+from app.storage.predictions import LEGACY_SOURCE, LabelOutcome, LabelResult, PredictionRepository
+from app.storage.recorder import PredictionRecorder
 
 log = structlog.get_logger(__name__)
 
@@ -130,7 +125,7 @@ class FeedbackService:
 
     def __init__(
         self,
-        predictions: PredictionLog,
+        predictions: PredictionRepository,
         recorder: PredictionRecorder,
         accuracy_window: int,
         credentials: FeedbackCredentials,

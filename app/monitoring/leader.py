@@ -29,8 +29,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import NullPool
 
-from app.monitoring.prediction_log import CONNECT_ARGS
 from app.settings import Settings
+from app.storage.database import CONNECT_ARGS
 
 LOCK_FILE = "drift-monitor.lock"
 ADVISORY_KEY = 0x44524946544D4F4E  # "DRIFTMON": the monitor's key (the retrain lock and the migrations use others)

@@ -2,12 +2,12 @@
 idempotently.
 
 Each table (:data:`TABLES`: predictions with their labels and label sources, drift checks, retrain jobs,
-webhook alerts) is read in primary-key order, a batch at a time; each batch is one transaction in the target
-that inserts the rows whose key the target lacks (``ON CONFLICT DO NOTHING`` as well, where the dialect has it)
-and checks that they are there afterwards. A row whose key the target already holds is compared with the
+webhook alerts, model events) is read in primary-key order, a batch at a time; each batch is one transaction in
+the target that inserts the rows whose key the target lacks (``ON CONFLICT DO NOTHING`` as well, where the dialect
+has it) and checks that they are there afterwards. A row whose key the target already holds is compared with the
 source's: the same row (an earlier, perhaps interrupted, copy) is counted as present, another one as differing.
 So a copy can run again at any point and copies nothing twice. Both databases must be at this code's schema
-head (the caller checks), so both have the columns of :mod:`app.monitoring.prediction_log`'s tables.
+head (the caller checks), so both have the columns of :mod:`app.storage.database`'s tables.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.expression import Executable
 
-from app.monitoring.prediction_log import (
+from app.storage.database import (
     INSERT_IGNORING_DUPLICATES,
     drift_checks,
+    model_events,
     predictions,
     retrain_jobs,
     webhook_alerts,
@@ -33,7 +34,7 @@ from app.monitoring.prediction_log import (
 
 log = structlog.get_logger(__name__)
 
-TABLES: tuple[Table, ...] = (predictions, drift_checks, retrain_jobs, webhook_alerts)
+TABLES: tuple[Table, ...] = (predictions, drift_checks, retrain_jobs, webhook_alerts, model_events)
 """The prediction database's tables a copy carries (the model registry's are copied through the registry)."""
 BATCH_ROWS = 1000
 DIFFERING_SHOWN = 5
@@ -107,8 +108,8 @@ def _copy_batch(connection: Connection, table: Table, rows: Sequence[dict[str, A
 
 
 def _advance_sequences(connection: Connection) -> None:
-    """PostgreSQL: move each serial key's sequence past the copied ids, so the next insert (a drift check)
-    does not collide with a copied row."""
+    """PostgreSQL: move each serial key's sequence past the copied ids, so the next insert (a drift check, a
+    model event) does not collide with a copied row."""
     if connection.dialect.name != "postgresql":
         return  # SQLite gives a new row max(id) + 1
     for table in TABLES:

@@ -148,6 +148,39 @@ DRIFT_TEST_P_VALUE = Gauge(
     ["test"],
     multiprocess_mode="mostrecent",
 )
+# Label-free accuracy estimate of the drift window (app.monitoring.performance), per model version. A version's
+# series keeps its last value in the multiprocess files after the monitor moves to another version: the monitor
+# sets a version it no longer checks to NaN (as export_unknown does), and the alert joins on the served version.
+ESTIMATED_ACCURACY = Gauge(
+    "sentiment_estimated_accuracy",
+    "Accuracy of the drift window estimated from the model's calibrated probabilities (mean confidence).",
+    ["model_version"],
+    multiprocess_mode="mostrecent",
+)
+ESTIMATED_ACCURACY_LOWER = Gauge(
+    "sentiment_estimated_accuracy_lower",
+    "Lower bound of the 95 % band the window's realised accuracy should fall in if calibration holds.",
+    ["model_version"],
+    multiprocess_mode="mostrecent",
+)
+ESTIMATED_ACCURACY_UPPER = Gauge(
+    "sentiment_estimated_accuracy_upper",
+    "Upper bound of the 95 % band the window's realised accuracy should fall in if calibration holds.",
+    ["model_version"],
+    multiprocess_mode="mostrecent",
+)
+ESTIMATED_ACCURACY_REFERENCE = Gauge(
+    "sentiment_estimated_accuracy_reference",
+    "The same estimate on the model version's held-out drift reference: what a window's estimate drops from.",
+    ["model_version"],
+    multiprocess_mode="mostrecent",
+)
+DRIFT_EXPLAINED_CHECK_ID = Gauge(
+    "sentiment_drift_explained_check_id",
+    "Id of the latest drift check that flagged drift and stored an explanation (GET /v1/drift/checks/<id>); "
+    "0 until the first.",
+    multiprocess_mode="mostrecent",
+)
 DRIFT_CHECKS = Counter("sentiment_drift_checks_total", "Drift checks, by outcome.", ["outcome"])
 DRIFT_CHECK_OUTCOMES = ("drift", "no_drift", "insufficient_data", "error")
 # "max", not "mostrecent": every process that imports this module writes 0 for it, so the series exists from
@@ -160,6 +193,19 @@ DRIFT_LAST_CHECK = Gauge(
 )
 DRIFT_CHECK_DURATION = Histogram(
     "sentiment_drift_check_duration_seconds", "Duration of one drift check.", buckets=CHECK_BUCKETS
+)
+DRIFT_CHECK_MIN_INTERVAL = Gauge(
+    "sentiment_drift_check_min_interval_seconds",
+    "Least time the drift monitor leaves between the starts of two checks after its last one: the larger of "
+    "SENTIMENT_DRIFT_MIN_CHECK_INTERVAL_SECONDS and that check's CPU seconds over SENTIMENT_DRIFT_MAX_CPU_SHARE.",
+    multiprocess_mode="mostrecent",
+)
+# Summed over processes, dead ones included (compaction folds their files into the aggregate), so a restarted
+# monitor's CPU keeps adding up; a wiped directory (a service restart) reads as a counter reset. Unlabelled: every
+# process importing this module writes a 0 sample, so the series exists before the monitor's first increment.
+DRIFT_MONITOR_CPU = Counter(
+    "sentiment_drift_monitor_cpu_seconds_total",
+    "CPU seconds (user + system, all threads) used by drift monitor processes, leading or waiting.",
 )
 # "liveall": one sample per live monitor process (a ``pid`` label), so two monitors writing one directory
 # (or a leader and a demoted one) stay distinct; a dead one's sample goes with its process (mark_process_dead,
@@ -177,7 +223,16 @@ DRIFT_MONITOR_LEADER = Gauge(
 # (RetrainLockCollector), so a killed retrain can never leave it stuck at 1.
 RETRAIN_TOTAL = Counter("sentiment_retrain_total", "Retrains, by trigger and outcome.", ["trigger", "outcome"])
 RETRAIN_TRIGGERS = ("alertmanager", "grafana", "manual")  # the webhook sources and POST /v1/retrain
-RETRAIN_OUTCOMES = ("promoted", "rejected", "superseded", "skipped_no_new_labels", "skipped_too_few_labels", "failed")
+# skipped_harmless_drift: counted by the webhook, which starts no retrain (SENTIMENT_RETRAIN_MIN_ESTIMATED_DROP_POINTS).
+RETRAIN_OUTCOMES = (
+    "promoted",
+    "rejected",
+    "superseded",
+    "skipped_no_new_labels",
+    "skipped_too_few_labels",
+    "skipped_harmless_drift",
+    "failed",
+)
 RETRAIN_DURATION = Histogram(
     "sentiment_retrain_duration_seconds", "Duration of one retrain.", buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200)
 )
@@ -187,6 +242,14 @@ RETRAIN_JOBS_QUEUED = Gauge(
     "Retrain jobs waiting for a retrain worker (SENTIMENT_RETRAIN_MODE=queue), as a live worker last read them.",
     multiprocess_mode="livemax",
 )
+
+# Written by the drift monitor's promotion watch (app.monitoring.watch) when it rolls a promotion back.
+MODEL_ROLLBACKS = Counter(
+    "sentiment_model_rollbacks_total",
+    "Automatic rollbacks of a promoted model version to the one it replaced, by reason.",
+    ["reason"],
+)
+MODEL_ROLLBACK_REASONS = ("realised_accuracy", "estimated_accuracy")
 
 # Written by app.supervisor, the one process that restarts others.
 SUPERVISED_RESTARTS = Counter(
@@ -216,6 +279,8 @@ def initialise_counters() -> None:
             RETRAIN_TOTAL.labels(trigger=trigger, outcome=outcome)
     for process in SUPERVISED_PROCESSES:
         SUPERVISED_RESTARTS.labels(process=process)
+    for reason in MODEL_ROLLBACK_REASONS:
+        MODEL_ROLLBACKS.labels(reason=reason)
 
 
 class RetrainLockCollector(Collector):

@@ -4,36 +4,56 @@ Every instance may run one; of all the monitors sharing a prediction database on
 :mod:`app.monitoring.leader`'s lock, checks and enforces retention. The others wait and retry the lock every
 ``FOLLOWER_RETRY_SECONDS``, so one takes over within seconds of the leader's death.
 
-It follows the store's current version, reads that version's latest predictions from the prediction log,
-runs the drift tests (:mod:`app.monitoring.drift`) on a timer and every N new predictions, stores each
-result in the ``drift_checks`` table and exports it as ``sentiment_drift_*`` gauges through the shared
-Prometheus multiprocess directory (one ``sentiment_drift_test_p_value`` label per test of the family). It
-also refreshes ``sentiment_live_accuracy`` and enforces retention. ``app.supervisor`` starts it next to
-gunicorn and restarts it if it dies; it runs at nice 19 with one compute thread (:func:`_lower_priority`).
-With ``SENTIMENT_DRIFT_BACKEND=builtin`` it never imports torch or alibi-detect. Run as its own process (its
-own pod) it serves every process's metrics on ``SENTIMENT_MONITOR_METRICS_PORT``.
+It follows the store's current version, reads that version's latest predictions
+(:mod:`app.storage.predictions`), runs the drift tests (:mod:`app.monitoring.drift`) on a schedule that adapts
+to load (:meth:`DriftMonitor.due`), stores each result (:mod:`app.storage.drift_checks`) and exports it as
+``sentiment_drift_*`` gauges through the shared Prometheus multiprocess directory (one
+``sentiment_drift_test_p_value`` label per test of the family). With each full window it stores and exports
+the label-free accuracy estimate (:mod:`app.monitoring.performance`,
+``sentiment_estimated_accuracy*{model_version}``), and with a check that flags drift, rate-limited, what
+separates the window from the reference (:mod:`app.monitoring.explain`). It also refreshes
+``sentiment_live_accuracy``, enforces retention and watches a fresh promotion (:mod:`app.monitoring.watch`),
+rolling it back on a significant drop. ``app.supervisor`` starts it next to gunicorn and restarts it if it
+dies; it runs at nice 19 with one compute thread (:func:`_lower_priority`) and counts its CPU seconds
+(``sentiment_drift_monitor_cpu_seconds_total``). With ``SENTIMENT_DRIFT_BACKEND=builtin`` it never imports
+torch or alibi-detect. Run as its own process (its own pod) it serves every process's metrics on
+``SENTIMENT_MONITOR_METRICS_PORT``.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
+
+if __name__ == "__main__":
+    # Run as the monitor process: scikit-learn imports pandas when it is installed (only to detect
+    # DataFrames) and it costs ~65 MB here; the monitor never uses it (app/gunicorn_conf.py does the same for
+    # the web workers). Marking it absent before any app module imports scikit-learn makes that import fail softly.
+    sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
 
 import structlog
 
 from app.errors import SentimentServiceError
 from app.migrations import DatabaseSchemaBehindError, require_current
 from app.ml.drift_reference import load_reference
-from app.ml.registry import ModelRegistry
+from app.ml.registry import REFERENCE_ARTIFACT, LoadedModel, ModelRegistry
 from app.monitoring import metrics
-from app.monitoring.drift import DriftDetector, DriftResult
+from app.monitoring.drift import DriftDetector, DriftResult, Window
+from app.monitoring.explain import DriftExplanation, TermCounts, count_terms, explain
 from app.monitoring.leader import LeaderLock
-from app.monitoring.prediction_log import PredictionLog
+from app.monitoring.performance import AccuracyEstimate, estimate_accuracy, reference_estimate
+from app.monitoring.report import estimate_details
+from app.monitoring.watch import PromotionWatch
 from app.settings import Settings
+from app.storage.database import Database
+from app.storage.drift_checks import DriftCheckRepository
+from app.storage.predictions import PredictionRepository, WindowRow
 
 log = structlog.get_logger("app.monitoring.monitor")
 
@@ -62,9 +82,43 @@ def export(result: DriftResult, tests: Sequence[str]) -> None:
         metrics.DRIFT_TEST_P_VALUE.labels(test=test).set(p_values.get(test, nan))
 
 
-def export_unknown(tests: Sequence[str]) -> None:
+def export_estimate(version: str, estimate: AccuracyEstimate, reference: AccuracyEstimate) -> None:
+    """Publish a full window's accuracy estimate, its band and the reference estimate for ``version`` (the
+    reference again: a monitor that stopped leading set it to NaN, and leads again with the same version)."""
+    metrics.ESTIMATED_ACCURACY_REFERENCE.labels(model_version=version).set(reference.estimate)
+    metrics.ESTIMATED_ACCURACY.labels(model_version=version).set(estimate.estimate)
+    metrics.ESTIMATED_ACCURACY_LOWER.labels(model_version=version).set(estimate.low)
+    metrics.ESTIMATED_ACCURACY_UPPER.labels(model_version=version).set(estimate.high)
+
+
+def forget_estimate(version: str) -> None:
+    """``version``'s four estimate gauges as NaN: the monitor no longer checks it (another version is current,
+    or this monitor stopped leading), and "mostrecent" would keep its last values forever."""
+    nan = float("nan")
+    for gauge in (
+        metrics.ESTIMATED_ACCURACY,
+        metrics.ESTIMATED_ACCURACY_LOWER,
+        metrics.ESTIMATED_ACCURACY_UPPER,
+        metrics.ESTIMATED_ACCURACY_REFERENCE,
+    ):
+        gauge.labels(model_version=version).set(nan)
+
+
+def reference_terms(loaded: LoadedModel) -> TermCounts | None:
+    """The n-gram counts of the texts ``loaded``'s drift reference was drawn from (its held-out
+    ``reference.json``), for the explanations' term lists; None when the reference is of other texts (a
+    retrain's recent traffic, which no artifact keeps)."""
+    if loaded.metadata.get("data", {}).get("drift_reference_source", "holdout") != "holdout":
+        return None
+    return count_terms(loaded.read_json(REFERENCE_ARTIFACT)["texts"])
+
+
+def export_unknown(tests: Sequence[str], model_version: str | None = None) -> None:
     """Drift gauges as NaN: a monitor that stopped leading no longer vouches for its last check (the new
-    leader's gauges do), and a stale 1 in its pod would keep ``max(sentiment_drift_detected)`` firing."""
+    leader's gauges do), and a stale 1 in its pod would keep ``max(sentiment_drift_detected)`` firing.
+    ``model_version``'s estimate gauges too (:func:`forget_estimate`)."""
+    if model_version is not None:
+        forget_estimate(model_version)
     nan = float("nan")
     for gauge in (
         metrics.DRIFT_DETECTED,
@@ -89,10 +143,20 @@ class DriftMonitor:
         self.next_attempt = 0.0  # monotonic time of a follower's next try at the leader lock
         self.lock_failing = False  # the last try at the lock raised (logged once per outage)
         self.registry = ModelRegistry.from_settings(settings)
-        self.store = PredictionLog.from_settings(settings)
-        require_current(self.store.engine, "monitor")  # the schema is `db upgrade`'s to change
+        self.database = Database.from_settings(settings)
+        require_current(self.database.engine, "monitor")  # the schema is `db upgrade`'s to change
+        self.predictions = PredictionRepository(self.database)
+        self.drift_checks = DriftCheckRepository(self.database)
+        self.watch = PromotionWatch.from_settings(settings, self.registry, self.database)  # rolls back bad promotions
         self.detector: DriftDetector | None = None
+        self.reference_accuracy: AccuracyEstimate | None = None  # the detector's version's reference estimate
+        self.reference_terms: TermCounts | None = None  # n-gram counts of its reference's texts, if kept
+        self.flagged = False  # the last check flagged drift
+        self.explained_through = 0.0  # created_at of the newest prediction of the last window explained
         self.last_check_at = 0.0
+        self.last_started = 0.0  # time.time() when the last check's tests started
+        self.last_check_cpu = 0.0  # CPU seconds the last check took (its tests, estimate, explanation, storing)
+        self.cpu_reported = 0.0  # process CPU seconds already added to sentiment_drift_monitor_cpu_seconds_total
         self.last_seen = 0.0  # created_at of the newest prediction the last check saw
         self.last_retention = 0.0
         self.stopping = threading.Event()
@@ -101,6 +165,8 @@ class DriftMonitor:
     def detector_for(self, version: str) -> DriftDetector:
         """The detector of ``version``, built (model, reference, MMD engine) when the version changes."""
         if self.detector is None or self.detector.model_version != version:
+            if self.detector is not None:
+                forget_estimate(self.detector.model_version)
             loaded = self.registry.load(version)  # sha256 of every artifact verified, the reference's too
             reference = load_reference(loaded)  # DriftReferenceMissingError if it has none
             self.detector = DriftDetector(
@@ -113,6 +179,10 @@ class DriftMonitor:
                 mmd_engine=self.settings.drift_backend,
             )
             self.last_check_at, self.last_seen = 0.0, 0.0
+            self.flagged, self.explained_through = False, 0.0
+            self.reference_accuracy = reference_estimate(reference)
+            metrics.ESTIMATED_ACCURACY_REFERENCE.labels(model_version=version).set(self.reference_accuracy.estimate)
+            self.reference_terms = self._terms(loaded)
             log.info(
                 "drift_reference_loaded",
                 model_version=version,
@@ -121,27 +191,85 @@ class DriftMonitor:
             )
         return self.detector
 
+    def min_interval(self) -> float:
+        """Least time between the starts of two checks: ``drift_min_check_interval_seconds``, or the last check's
+        CPU seconds over ``drift_max_cpu_share`` if longer, so checks use at most that share of one core."""
+        return max(
+            self.settings.drift_min_check_interval_seconds, self.last_check_cpu / self.settings.drift_max_cpu_share
+        )
+
     def due(self, version: str, now: float) -> bool:
-        """Check when the version changed, N new predictions arrived, or the interval passed with news."""
+        """Whether to check now: at once when the version changed or nothing was checked yet (a new leader);
+        otherwise when :meth:`min_interval` passed since the last check started and there is news, either
+        ``drift_check_every_predictions`` (N) new predictions or any once ``drift_check_interval_seconds`` passed.
+
+        The gap bounds the cost however fast traffic is; the count keeps slow traffic's cadence (every N
+        predictions). Above W / gap predictions a second (W the window: 250 req/s at the defaults, a saturated
+        service) the whole window turns over between two checks, so no check re-tests rows the last one saw where
+        waiting for that costs no delay. Below that rate the schedule does not wait for a turnover: it would add
+        up to W / rate to the detection delay (10 s at 50 req/s), where the count adds at most N / rate (2 s)
+        and still gives each check N new rows (a fifth of the default window).
+        """
         if self.detector is None or self.detector.model_version != version or self.last_check_at == 0.0:
             return True
-        new = self.store.count_predictions(version, since=self.last_seen)
+        if now - self.last_started < self.min_interval():
+            return False  # before counting: under saturation most polls end here, without a query
+        new = self.predictions.count_predictions(version, since=self.last_seen)
         if new >= self.settings.drift_check_every_predictions:
             return True
         return new > 0 and now - self.last_check_at >= self.settings.drift_check_interval_seconds
 
+    def _terms(self, loaded: LoadedModel) -> TermCounts | None:
+        try:
+            return reference_terms(loaded)
+        except Exception as exc:  # the explanations go without term lists; the drift tests are unaffected
+            log.warning("drift_reference_terms_unavailable", model_version=loaded.version, reason=str(exc))
+            return None
+
     def check(self, version: str) -> DriftResult:
         started = time.perf_counter()
         detector = self.detector_for(version)
-        rows = self.store.window(self.settings.drift_window_size, version)
-        result = detector.check(rows)
+        # After building the detector: a version's one-off model load is not what the next check will cost.
+        cpu_started, self.last_started = time.process_time(), time.time()
+        rows = self.predictions.window(self.settings.drift_window_size, version)
+        result, window = detector.check_window(rows)
         self.last_check_at = time.time()
-        self.last_seen = max((r["created_at"] for r in rows), default=self.last_seen)
-        self.store.insert_drift_check(result.record())
+        self.last_seen = max((r.created_at for r in rows), default=self.last_seen)
+        record = result.record()
+        estimate = None
+        if window is not None and self.reference_accuracy is not None:
+            estimate = estimate_accuracy(window.p_positive)
+            record = replace(
+                record,
+                details={**record.details, **estimate_details(self.reference_accuracy, estimate.method)},
+                estimated_accuracy=estimate.estimate,
+                estimated_accuracy_low=estimate.low,
+                estimated_accuracy_high=estimate.high,
+            )
+            export_estimate(version, estimate, self.reference_accuracy)
+        explanation = None
+        if window is not None and self._explain_due(result, version):
+            self.explained_through = self.last_seen
+            explanation = self._explain(detector, rows, window)
+            if explanation is not None:
+                record = replace(record, explanation=explanation.to_dict())
+        self.flagged = result.drift
+        check_id = self.drift_checks.insert(record)
+        if explanation is not None:
+            metrics.DRIFT_EXPLAINED_CHECK_ID.set(check_id)
+            log.info(
+                "drift_explained",
+                model_version=version,
+                check_id=check_id,
+                domain_auc=explanation.domain_auc,
+                seconds=explanation.seconds,
+            )
         export(result, detector.names)
         metrics.DRIFT_CHECKS.labels(outcome=result.status).inc()
         metrics.DRIFT_LAST_CHECK.set(self.last_check_at)
         metrics.DRIFT_CHECK_DURATION.observe(time.perf_counter() - started)
+        self.last_check_cpu = time.process_time() - cpu_started
+        metrics.DRIFT_CHECK_MIN_INTERVAL.set(self.min_interval())
         log.info(
             "drift_detected" if result.drift else "drift_checked",
             model_version=version,
@@ -150,22 +278,50 @@ class DriftMonitor:
             p_value=result.p_value,
             score=result.score,
             tests_rejecting=result.details.get("tests_rejecting"),
+            estimated_accuracy=None if estimate is None else round(estimate.estimate, 4),
+            check_id=check_id,
         )
         return result
 
+    def _explain_due(self, result: DriftResult, version: str) -> bool:
+        """Explain the first check that flags drift after one that did not, then at most once per
+        ``drift_window_size`` new predictions while the drift lasts (a fresh window's worth of texts)."""
+        if not result.drift:
+            return False
+        if not self.flagged:
+            return True
+        new = self.predictions.count_predictions(version, since=self.explained_through)
+        return new >= self.settings.drift_window_size
+
+    def _explain(self, detector: DriftDetector, rows: Sequence[WindowRow], window: Window) -> DriftExplanation | None:
+        """What separates the window from the reference; a failure is logged and leaves the check unexplained."""
+        try:
+            return explain(
+                detector.model,
+                detector.reference,
+                [r.text for r in rows],
+                reference_terms=self.reference_terms,
+                window_embeddings=window.embeddings,
+            )
+        except Exception as exc:
+            log.exception("drift_explain_failed", model_version=detector.model_version, reason=str(exc))
+            return None
+
     def housekeeping(self, now: float) -> None:
-        accuracy, labelled = self.store.live_accuracy(self.settings.live_accuracy_window)
+        accuracy, labelled = self.predictions.live_accuracy(self.settings.live_accuracy_window)
         if accuracy is not None:
             metrics.LIVE_ACCURACY.set(accuracy)
         if now - self.last_retention >= RETENTION_EVERY_SECONDS:
-            deleted = self.store.enforce_retention(
+            deleted = self.predictions.enforce_retention(
                 self.settings.retention_max_rows,
                 self.settings.retention_max_age_hours * 3600,
                 now,
                 max_labelled_rows=self.settings.retention_max_labelled_rows,
                 max_labelled_age_seconds=self.settings.retention_max_labelled_age_hours * 3600,
             )
-            self.store.prune_drift_checks(DRIFT_CHECKS_KEPT)
+            self.drift_checks.prune(DRIFT_CHECKS_KEPT)
+            # An explanation quotes user texts: it goes when unlabelled predictions of its age do.
+            self.drift_checks.forget_explanations(now - self.settings.retention_max_age_hours * 3600)
             self.last_retention = now
             if deleted:
                 log.info("prediction_log_retention", deleted=deleted, labelled_kept=labelled)
@@ -177,6 +333,7 @@ class DriftMonitor:
         ``RETRY_FAILED_SECONDS`` or once the current version changes, and logged once per attempt.
         """
         now = time.time()
+        self.watch.step(now)  # first: a rollback it makes is the version this step checks
         version = None
         try:
             version = self.registry.current_version()
@@ -212,7 +369,7 @@ class DriftMonitor:
             self.next_attempt = time.monotonic() + FOLLOWER_RETRY_SECONDS
             gauge.set(0)
             if self.detector is not None:
-                export_unknown(self.detector.names)
+                export_unknown(self.detector.names, self.detector.model_version)
             log.warning("monitor_leader_lost", lock=self.leader_lock.kind, reason=reason)
             return False
         now = time.monotonic()
@@ -234,11 +391,20 @@ class DriftMonitor:
             log.info("monitor_leader_acquired", lock=self.leader_lock.kind)
         return self.leading
 
+    def report_cpu(self) -> None:
+        """Add the CPU seconds this process used since the last report (user + system, all threads; all of it
+        on the first) to ``sentiment_drift_monitor_cpu_seconds_total``."""
+        cpu = time.process_time()
+        metrics.DRIFT_MONITOR_CPU.inc(max(cpu - self.cpu_reported, 0.0))
+        self.cpu_reported = cpu
+
     def run(self) -> None:
         log.info(
             "drift_monitor_started",
             window=self.settings.drift_window_size,
             interval_seconds=self.settings.drift_check_interval_seconds,
+            min_interval_seconds=self.settings.drift_min_check_interval_seconds,
+            max_cpu_share=self.settings.drift_max_cpu_share,
             leader_lock=self.leader_lock.kind,
         )
         metrics.DRIFT_MONITOR_LEADER.labels(lock=self.leader_lock.kind).set(0)
@@ -246,10 +412,11 @@ class DriftMonitor:
             while not self.stopping.is_set():
                 if self.lead():
                     self.step()
+                self.report_cpu()
                 self.stopping.wait(POLL_SECONDS)
         finally:
             self.leader_lock.dispose()  # a graceful stop hands over at once, not after a connection timeout
-            self.store.dispose()
+            self.database.dispose()
         log.info("drift_monitor_stopped", was_leader=self.leading)
 
 

@@ -1,6 +1,6 @@
 """Each worker's crash-safe copy of the predictions it has not written yet: files a SIGKILL cannot take.
 
-The recorder (:class:`app.monitoring.prediction_log.PredictionRecorder`) appends every batch of rows it
+The recorder (:class:`app.storage.recorder.PredictionRecorder`) appends every batch of rows it
 buffers to its worker's current spool segment with unbuffered ``os.write`` calls, before the response
 leaves: once the client sees a 2xx, the rows are in the kernel's page cache, which outlives the process
 (an OS crash or power loss before writeback can still lose them). Each flush starts a new segment; a

@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.monitoring.prediction_log import PredictionLog
+from app.storage.drift_checks import DriftCheck, DriftCheckRepository
 
 log = structlog.get_logger(__name__)
 
@@ -21,31 +21,30 @@ def utc(timestamp: float | None) -> datetime | None:
     return datetime.fromtimestamp(timestamp, UTC) if timestamp is not None else None
 
 
-def summarise(check: dict[str, Any] | None) -> dict[str, Any]:
+def summarise(check: DriftCheck | None) -> dict[str, Any]:
     """The short form of a drift check that predictions carry."""
     if check is None:
         return dict(UNKNOWN)
     return {
-        "drift": bool(check["drift"]),
-        "p_value": check["p_value"],
-        "score": check["score"],
-        "checked_at": utc(check["checked_at"]),
-        "status": check["status"],
+        "drift": bool(check.drift),
+        "p_value": check.p_value,
+        "score": check.score,
+        "checked_at": utc(check.checked_at),
+        "status": check.status,
     }
 
 
 class DriftStatus:
-    """Refreshes the latest check from the prediction database every ``refresh`` seconds; requests never
-    query it."""
+    """Refreshes the latest check from the database every ``refresh`` seconds; requests never query it."""
 
-    def __init__(self, predictions: PredictionLog, refresh: float) -> None:
-        self.predictions = predictions
+    def __init__(self, drift_checks: DriftCheckRepository, refresh: float) -> None:
+        self.drift_checks = drift_checks
         self.refresh = refresh
         self.summary: dict[str, Any] = dict(UNKNOWN)
 
     async def update(self) -> None:
         try:
-            latest = await self.predictions.call(self.predictions.drift_history, 1)
+            latest = await self.drift_checks.call(self.drift_checks.history, 1)
         except SQLAlchemyError as exc:
             log.warning("drift_status_unavailable", reason=type(exc).__name__)
             return

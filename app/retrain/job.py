@@ -17,6 +17,13 @@ most ``SENTIMENT_RETRAIN_PROMOTION_MARGIN`` on the base holdout; otherwise it is
 it tried. Its drift reference is recent traffic it was not fitted on, so once it is promoted the
 monitor compares live traffic with the traffic the new model was made for.
 
+Shadow: a candidate the gate passes first scores the current version's latest live window beside it
+(:mod:`app.retrain.shadow`: agreement, estimated accuracy of both, their confidences); figures that break
+``SENTIMENT_RETRAIN_SHADOW_*`` reject it too (reason ``shadow``). Gate and shadow figures go into the card,
+and every step is an event of the version (:mod:`app.storage.model_events`, actor ``retrain:<job id>``). A
+promoted version is watched by the drift monitor (:mod:`app.monitoring.watch`), which rolls it back on a
+significant drop.
+
 The candidate is a model of the current one's kind and parameters, fitted through the model contract
 (:class:`app.ml.model.SentimentModel`); its version card is built by :mod:`app.ml.model_card`, as a
 trained version's is.
@@ -58,9 +65,13 @@ from app.ml.model_card import register_version
 from app.ml.registry import LoadedModel, ModelRegistry
 from app.ml.train import split_holdout
 from app.monitoring import metrics
-from app.monitoring.prediction_log import PredictionLog
 from app.retrain.lock import FileRetrainLock, RetrainLock
+from app.retrain.shadow import ShadowRules, shadow_candidate
 from app.settings import Settings
+from app.storage.database import Database
+from app.storage.model_events import ModelEvent, ModelEventRepository
+from app.storage.predictions import LabelledRow, PredictionRepository
+from app.storage.retrain_jobs import RetrainJobRepository
 
 log = structlog.get_logger("app.retrain.job")
 
@@ -84,9 +95,9 @@ def in_feedback_holdout(prediction_id: str, fraction: float) -> bool:
     return int(hashlib.sha256(prediction_id.encode()).hexdigest()[:8], 16) % 10_000 < fraction * 10_000
 
 
-def corpus_of(name: str, rows: list[dict[str, Any]]) -> Corpus:
-    texts = [r["text"] for r in rows]
-    labels = np.array([LABELS.index(r["label"]) for r in rows], dtype=np.int64)
+def corpus_of(name: str, rows: list[LabelledRow]) -> Corpus:
+    texts = [r.text for r in rows]
+    labels = np.array([LABELS.index(r.label) for r in rows], dtype=np.int64)
     return Corpus(name, texts, labels, fingerprint_rows(texts, labels))
 
 
@@ -160,10 +171,10 @@ def source_report(feedback: Feedback, weights: NDArray[np.float64], cap: float) 
     sources = np.array(feedback.fit_sources, dtype=object)
     total = float(weights.sum())
     report: dict[str, Any] = {}
-    for name in sorted({r["source"] for r in feedback.rows}):
+    for name in sorted({r.source for r in feedback.rows}):
         weight = float(fed[sources == name].sum()) if len(sources) else 0.0
         report[name] = {
-            "rows": sum(r["source"] == name for r in feedback.rows),
+            "rows": sum(r.source == name for r in feedback.rows),
             "fit_rows": feedback.fit_sources.count(name),
             "holdout_rows": feedback.holdout_sources.count(name),
             "weight_share": round(weight / total, 6),
@@ -205,7 +216,7 @@ def labels_tried(registry: ModelRegistry, current: LoadedModel) -> tuple[float, 
 class Feedback:
     """The labelled feedback of one retrain, split by :func:`in_feedback_holdout`."""
 
-    rows: list[dict[str, Any]]  # every labelled prediction
+    rows: list[LabelledRow]  # every labelled prediction
     new_rows: int  # labelled since the labels last tried
     fit: Corpus  # rows grouped by source (sorted by name), oldest label first within each
     holdout: Corpus
@@ -221,17 +232,17 @@ class Feedback:
             "new_rows": self.new_rows,
             "fit_rows": len(self.fit),
             "holdout_rows": len(self.holdout),
-            "through": max(r["labelled_at"] for r in self.rows),
-            "positive_share": float(np.mean([r["label"] == "positive" for r in self.rows])),
+            "through": max(r.labelled_at for r in self.rows),
+            "positive_share": float(np.mean([r.label == "positive" for r in self.rows])),
         }
 
 
 def collect_feedback(
-    registry: ModelRegistry, current: LoadedModel, labelled: list[dict[str, Any]], settings: Settings
+    registry: ModelRegistry, current: LoadedModel, labelled: list[LabelledRow], settings: Settings
 ) -> Feedback | Outcome:
     """The feedback to retrain on, or the skip outcome when too few labels are newer than the last try."""
     through, tried_by = labels_tried(registry, current)
-    new = sum(r["labelled_at"] > through for r in labelled)
+    new = sum(r.labelled_at > through for r in labelled)
     if not new:
         return Outcome(
             "skipped_no_new_labels", {"labelled_rows": len(labelled), "through": through, "tried_by": tried_by}
@@ -240,16 +251,16 @@ def collect_feedback(
         return Outcome(
             "skipped_too_few_labels", {"new_labels": new, "needed": settings.retrain_min_labels, "tried_by": tried_by}
         )
-    held = [in_feedback_holdout(r["id"], settings.retrain_feedback_holdout_fraction) for r in labelled]
-    fit = sorted((r for r, h in zip(labelled, held, strict=True) if not h), key=lambda r: str(r["source"]))
+    held = [in_feedback_holdout(r.id, settings.retrain_feedback_holdout_fraction) for r in labelled]
+    fit = sorted((r for r, h in zip(labelled, held, strict=True) if not h), key=lambda r: str(r.source))
     holdout = [r for r, h in zip(labelled, held, strict=True) if h]
     return Feedback(
         labelled,
         new,
         corpus_of("feedback:fit", fit),
         corpus_of("feedback:holdout", holdout),
-        tuple(r["source"] for r in fit),
-        tuple(r["source"] for r in holdout),
+        tuple(r.source for r in fit),
+        tuple(r.source for r in holdout),
     )
 
 
@@ -356,7 +367,7 @@ def retrain(settings: Settings, job_id: str, trigger: str, *, settle: Callable[[
     :meth:`Watchdog.claim`: from then on the outcome is this function's).
     """
     registry = ModelRegistry.from_settings(settings)
-    predictions = PredictionLog.from_settings(settings)
+    predictions = PredictionRepository(Database.from_settings(settings))
     require_current(predictions.engine, "retrain")  # an old schema: fail (logged), as the service would
     current = registry.load_current()
     if current is None:
@@ -374,10 +385,14 @@ def retrain(settings: Settings, job_id: str, trigger: str, *, settle: Callable[[
 
     holdout = joined(f"{base.name}{FEEDBACK_SUFFIX} holdout", base.holdout, feedback.holdout)
     fitted = set(feedback.fit.texts)
-    traffic = [r["text"] for r in predictions.window(REFERENCE_ROWS * 2, current.version) if r["text"] not in fitted]
+    traffic = [r.text for r in predictions.window(REFERENCE_ROWS * 2, current.version) if r.text not in fitted]
     reference, reference_source = drift_reference_of(candidate, fit, holdout, traffic, base.seed)
-    promote = gate["decision"] == "promote"
-    version = register_version(
+    shadow = None
+    if gate["decision"] == "promote":  # off the request path: the retrain process scores the live window
+        live = predictions.window(settings.drift_window_size, current.version)
+        shadow = shadow_candidate(candidate, live, ShadowRules.from_settings(settings), exclude=fitted)
+    rejected_by = "gate" if gate["decision"] != "promote" else "shadow" if shadow_blocks(shadow) else None
+    registered = register_version(
         registry,
         candidate,
         fit=fit,
@@ -385,14 +400,63 @@ def retrain(settings: Settings, job_id: str, trigger: str, *, settle: Callable[[
         reference=reference,
         data=card_data(base, fit, holdout, feedback, reference_source, sources=sources),
         parent=current.version,
-        extra={"gate": gate, "retrain": {"job_id": job_id, "trigger": trigger}, "fit_seconds": round(fit_seconds, 2)},
-        stage="candidate" if promote else "rejected",
-    ).version
+        extra={
+            "gate": gate,
+            **({"shadow": shadow} if shadow is not None else {}),
+            "retrain": {"job_id": job_id, "trigger": trigger},
+            "fit_seconds": round(fit_seconds, 2),
+        },
+        stage="rejected" if rejected_by else "candidate",
+    )
+    version = registered.version
+    events = CandidateEvents(ModelEventRepository(predictions.database), version.version, job_id, trigger)
+    events.scored(registered.report, current.version, gate, shadow)
     settle()
-    if not promote:
-        return Outcome("rejected", {"gate": gate, "feedback": sources}, version.version)
+    if rejected_by:
+        events.record("rejected", {"reason": rejected_by, "reasons": (shadow or {}).get("reasons", [])})
+        figures = {"gate": gate, **({"shadow": shadow} if shadow is not None else {})}
+        return Outcome("rejected", {**figures, "reason": rejected_by, "feedback": sources}, version.version)
+    promoting_at = time.time()  # the watch counts the new version's predictions from before the pointer moved
     result = promote_candidate(registry, version.version, current.version, gate)
-    return replace(result, details={**result.details, "feedback": sources})
+    events.ended(result, current.version, promoting_at)
+    return replace(result, details={**result.details, "shadow": shadow, "feedback": sources})
+
+
+def shadow_blocks(shadow: dict[str, Any] | None) -> bool:
+    """Whether the shadow figures refuse the promotion (a skipped shadow does not)."""
+    return shadow is not None and shadow["decision"] == "reject"
+
+
+@dataclass(frozen=True)
+class CandidateEvents:
+    """Writes a retrain candidate's lifecycle events (:mod:`app.storage.model_events`), as ``retrain:<job id>``
+    with the job's trigger. A write that fails is logged and skipped: it never changes the retrain's outcome."""
+
+    events: ModelEventRepository
+    version: str
+    job_id: str
+    trigger: str
+
+    def record(self, event: str, details: dict[str, Any], at: float | None = None) -> None:
+        actor = f"retrain:{self.job_id}"
+        self.events.record_safely(
+            ModelEvent(self.version, event, actor, self.trigger, details, occurred_at=at or time.time())
+        )
+
+    def scored(self, report: dict[str, Any], parent: str, gate: dict[str, Any], shadow: dict[str, Any] | None) -> None:
+        """``registered``, ``gated`` and (if it ran) ``shadowed``."""
+        scores = {k: report[k] for k in ("accuracy", "balanced_accuracy", "ece") if k in report}
+        self.record("registered", {"parent": parent, "metrics": scores})
+        self.record("gated", gate)
+        if shadow is not None:
+            self.record("shadowed", shadow)
+
+    def ended(self, result: Outcome, parent: str, at: float) -> None:
+        """``promoted`` at ``at`` (the promotion watch follows it) or ``superseded``."""
+        if result.outcome == "promoted":
+            self.record("promoted", {"previous": parent, "watch": True}, at)
+        else:
+            self.record("superseded", {k: result.details[k] for k in ("reason", "parent", "current_version")})
 
 
 def lower_priority() -> None:
@@ -469,7 +533,7 @@ class Watchdog:
 class JobReport:
     """Records how one retrain job ended: metrics, the log line and the job's row."""
 
-    predictions: PredictionLog
+    jobs: RetrainJobRepository
     job_id: str
     trigger: str
     started: float  # time.perf_counter() at the start
@@ -477,13 +541,13 @@ class JobReport:
     def still_running(self) -> bool:
         """False once the job's row says it ended (the launcher gave up on a process that took too long to
         start); True for a job without a row (run by hand)."""
-        rows = self.predictions.jobs(job_id=self.job_id)
-        return not rows or rows[0]["status"] == "running"
+        job = self.jobs.get(self.job_id)
+        return job is None or job.status == "running"
 
     def failed(self, error: str, **extra: Any) -> None:
         metrics.RETRAIN_TOTAL.labels(trigger=self.trigger, outcome="failed").inc()
         metrics.RETRAIN_DURATION.observe(time.perf_counter() - self.started)
-        self.predictions.finish_job(self.job_id, "failed", "failed", {"error": error, **extra})
+        self.jobs.finish_job(self.job_id, "failed", "failed", {"error": error, **extra})
 
     def timed_out(self, max_seconds: float) -> None:
         # Runs on the watchdog's thread, which does not see the main thread's bound job_id.
@@ -495,7 +559,7 @@ class JobReport:
         metrics.RETRAIN_TOTAL.labels(trigger=self.trigger, outcome=result.outcome).inc()
         metrics.RETRAIN_DURATION.observe(seconds)
         details = {**result.details, "seconds": round(seconds, 1)}
-        self.predictions.finish_job(
+        self.jobs.finish_job(
             self.job_id, "succeeded", result.outcome, details, candidate_version=result.candidate_version
         )
         log.info(
@@ -504,6 +568,8 @@ class JobReport:
             candidate_version=result.candidate_version,
             seconds=round(seconds, 1),
             gate=result.details.get("gate"),
+            shadow=result.details.get("shadow"),
+            reason=result.details.get("reason"),
         )
 
 
@@ -518,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     lower_priority()
     structlog.contextvars.bind_contextvars(job_id=args.job_id)
-    report = JobReport(PredictionLog.from_settings(settings), args.job_id, args.trigger, time.perf_counter())
+    jobs = RetrainJobRepository(Database.from_settings(settings))
+    report = JobReport(jobs, args.job_id, args.trigger, time.perf_counter())
     lock = _hold_lock(settings)
     if lock is None or not report.still_running():
         # Lost the race to a retrain that still runs (its job ended, as far as the table knows), or this

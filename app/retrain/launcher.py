@@ -31,13 +31,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 from sqlalchemy.exc import IntegrityError
 
-from app.monitoring.prediction_log import PredictionLog
 from app.retrain.lock import CachedProbe, RetrainLock, for_database
 from app.settings import REPO_ROOT
+from app.storage.retrain_jobs import RetrainJobRepository
 
 log = structlog.get_logger(__name__)
 
@@ -115,15 +116,15 @@ def spawn_job(job_id: str, trigger: str, job_env: Mapping[str, str], lock: Retra
     )
 
 
-def record_unreported_exit(predictions: PredictionLog, job_id: str, code: int) -> bool:
+def record_unreported_exit(jobs: RetrainJobRepository, job_id: str, code: int) -> bool:
     """A retrain process exited with ``code``: if it failed while its job is still running (killed, crashed
     before it reported), record the job failed. Whether it did."""
     if code == 0:
         return False
-    jobs = predictions.jobs(job_id=job_id)
-    if not jobs or jobs[0]["status"] != "running":
+    job = jobs.get(job_id)
+    if job is None or job.status != "running":
         return False
-    predictions.finish_job(job_id, "failed", "failed", {"error": f"retrain process exited {code}"})
+    jobs.finish_job(job_id, "failed", "failed", {"error": f"retrain process exited {code}"})
     log.error("retrain_failed", job_id=job_id, exit_code=code)
     return True
 
@@ -132,7 +133,7 @@ class RetrainLauncher:
     def __init__(
         self,
         store_root: Path,
-        predictions: PredictionLog,
+        jobs: RetrainJobRepository,
         cooldown_seconds: float,
         job_env: dict[str, str] | None = None,
         *,
@@ -143,12 +144,12 @@ class RetrainLauncher:
             raise ValueError(f"retrain mode {mode!r} is not one of {MODES}")
         self.mode = mode
         self.store_root = store_root
-        self.predictions = predictions  # the prediction database also holds the retrain jobs
+        self.jobs = jobs
         self.cooldown_seconds = cooldown_seconds
         # The service's settings (``Settings.as_env()``), so the job reads the same model store and prediction
         # database; only the allow-listed ones reach it (``job_environment``).
         self.job_env = job_env or {}
-        self.lock = lock or for_database(predictions.url, store_root, engine=predictions.engine)
+        self.lock = lock or for_database(jobs.database.url, store_root, engine=jobs.engine)
         self.in_progress = CachedProbe(self.lock.held_elsewhere, self.lock.probe_seconds)
         """``sentiment_retrain_in_progress``, read from the lock at scrape time."""
 
@@ -159,27 +160,29 @@ class RetrainLauncher:
     def reconcile(self) -> None:
         """Jobs recorded as running while nobody holds the lock died without saying so."""
         if not self.lock.held_elsewhere():
-            failed = self.predictions.fail_running_jobs(DIED_UNREPORTED, started_before=self._stale_before(time.time()))
+            failed = self.jobs.fail_running_jobs(DIED_UNREPORTED, started_before=self._stale_before(time.time()))
             if failed:
                 log.error("retrain_failed", reason="process died", jobs=failed)
 
     def _not_started(self, now: float | None = None) -> Launch:
         """Why no job was recorded: one is running (or holds the lock: ``now`` None), one is queued (queue
         mode), or the latest one started within the cooldown."""
-        latest = self.predictions.jobs(limit=5)
+        latest = self.jobs.recent(limit=5)
         waiting = "queued" if self.mode == "queue" else "running"
-        blocking = [j["id"] for j in latest if j["status"] == waiting]
+        blocking = [j.id for j in latest if j.status == waiting]
         if blocking or not latest or now is None:
             return Launch(f"already_{waiting}", blocking[0] if blocking else None)
-        wait = latest[0]["started_at"] + self.cooldown_seconds - now
+        wait = latest[0].started_at + self.cooldown_seconds - now
         return Launch("cooldown", retry_after_seconds=round(max(wait, 0.0), 1))
 
-    def start(self, trigger: str, reason: str, alerts: Sequence[str] = ()) -> Launch:
-        """Start a retrain unless one is running or the cooldown has not passed; it claims ``alerts``. In queue
-        mode, record it as queued for a retrain worker unless one is queued already or the cooldown has not
-        passed."""
+    def start(
+        self, trigger: str, reason: str, alerts: Sequence[str] = (), details: Mapping[str, Any] | None = None
+    ) -> Launch:
+        """Start a retrain unless one is running or the cooldown has not passed; it claims ``alerts``, and its
+        job record starts with ``details`` (what triggered it). In queue mode, record it as queued for a retrain
+        worker unless one is queued already or the cooldown has not passed."""
         if self.mode == "queue":
-            return self._enqueue(trigger, reason, alerts)
+            return self._enqueue(trigger, reason, alerts, details)
         lock = self.lock.fresh()  # concurrent starts (threads of one worker) must not share a hold
         if not (lock.try_acquire() if lock.hands_over else not lock.held_elsewhere()):
             return self._not_started()
@@ -187,11 +190,17 @@ class RetrainLauncher:
             now = time.time()
             # Nobody else holds the lock: a job still marked running has died (on PostgreSQL, once its
             # process had time to take the lock).
-            self.predictions.fail_running_jobs(DIED_UNREPORTED, started_before=self._stale_before(now))
+            self.jobs.fail_running_jobs(DIED_UNREPORTED, started_before=self._stale_before(now))
             job_id = uuid.uuid4().hex
             try:
-                created = self.predictions.create_job(
-                    job_id, trigger, reason, now, alerts, unless_started_after=now - self.cooldown_seconds
+                created = self.jobs.create_job(
+                    job_id,
+                    trigger,
+                    reason,
+                    now,
+                    alerts,
+                    unless_started_after=now - self.cooldown_seconds,
+                    details=dict(details or {}),
                 )
             except IntegrityError:  # another request recorded the running job first
                 created = False
@@ -206,13 +215,22 @@ class RetrainLauncher:
         log.info("retrain_started", job_id=job_id, trigger=trigger, retrain_pid=process.pid)
         return Launch("retrain_started", job_id)
 
-    def _enqueue(self, trigger: str, reason: str, alerts: Sequence[str]) -> Launch:
+    def _enqueue(
+        self, trigger: str, reason: str, alerts: Sequence[str], details: Mapping[str, Any] | None = None
+    ) -> Launch:
         """Queue mode: record the job as ``queued``; a retrain worker runs it. Nothing is spawned here."""
         now = time.time()
         job_id = uuid.uuid4().hex
         try:
-            created = self.predictions.create_job(
-                job_id, trigger, reason, now, alerts, unless_started_after=now - self.cooldown_seconds, status="queued"
+            created = self.jobs.create_job(
+                job_id,
+                trigger,
+                reason,
+                now,
+                alerts,
+                unless_started_after=now - self.cooldown_seconds,
+                status="queued",
+                details=dict(details or {}),
             )
         except IntegrityError:  # another request queued the waiting job first
             created = False
@@ -224,4 +242,4 @@ class RetrainLauncher:
     def _reap(self, process: subprocess.Popen[bytes], job_id: str) -> None:
         code = process.wait()
         with contextlib.suppress(Exception):
-            record_unreported_exit(self.predictions, job_id, code)
+            record_unreported_exit(self.jobs, job_id, code)

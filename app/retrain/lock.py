@@ -13,7 +13,7 @@ Which lock guards a retrain follows the prediction database's dialect (:data:`LO
 
 The lock keeps a second retrain process from running. Which request gets to start the one retrain is
 decided by the database: at most one job row is ``running`` (a unique index, see
-:meth:`app.monitoring.prediction_log.PredictionLog.create_job`).
+:meth:`app.storage.retrain_jobs.RetrainJobRepository.create_job`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from app.monitoring.prediction_log import CONNECT_ARGS
 from app.settings import Settings
+from app.storage.database import CONNECT_ARGS
 
 LOCK_FILE = ".retrain.lock"
 LOCK_FD_ENV = "SENTIMENT_RETRAIN_LOCK_FD"

@@ -3,7 +3,7 @@
 With ``SENTIMENT_RETRAIN_MODE=queue`` the web service only records a job as ``queued``
 (:mod:`app.retrain.launcher`); a worker, in a process or pod of its own, polls the jobs table every
 ``SENTIMENT_RETRAIN_WORKER_POLL_SECONDS``, claims the oldest queued job (one statement:
-:meth:`~app.monitoring.prediction_log.PredictionLog.claim_job`) and starts ``python -m app.retrain.job JOB_ID
+:meth:`~app.storage.retrain_jobs.RetrainJobRepository.claim_job`) and starts ``python -m app.retrain.job JOB_ID
 --trigger T`` as its child, under the launcher's lock rules (:func:`~app.retrain.launcher.spawn_job`): on
 SQLite it takes the store's flock before claiming and hands it to the child; on PostgreSQL it checks the
 advisory lock and the child takes it. A crashed, killed or timed-out retrain ends its own process, never the
@@ -30,7 +30,6 @@ import structlog
 
 from app.migrations import DatabaseSchemaBehindError, require_current
 from app.monitoring import metrics
-from app.monitoring.prediction_log import PredictionLog
 from app.retrain.launcher import (
     DIED_UNREPORTED,
     STARTUP_GRACE_SECONDS,
@@ -39,6 +38,8 @@ from app.retrain.launcher import (
 )
 from app.retrain.lock import AdvisoryRetrainLock, RetrainLock
 from app.settings import Settings
+from app.storage.database import Database
+from app.storage.retrain_jobs import RetrainJobRepository
 
 log = structlog.get_logger("app.retrain.worker")
 
@@ -59,9 +60,10 @@ class RetrainWorker:
 
     def __init__(self, settings: Settings, *, lock: RetrainLock | None = None) -> None:
         self.settings = settings
-        self.predictions = PredictionLog.from_settings(settings)
-        require_current(self.predictions.engine, "retrain worker")  # the schema is `db upgrade`'s to change
-        self.lock = lock or RetrainLock.for_settings(settings, engine=self.predictions.engine)
+        self.database = Database.from_settings(settings)
+        require_current(self.database.engine, "retrain worker")  # the schema is `db upgrade`'s to change
+        self.jobs = RetrainJobRepository(self.database)
+        self.lock = lock or RetrainLock.for_settings(settings, engine=self.database.engine)
         self.job_env = settings.as_env()  # only the launcher's allow-list reaches the retrain process
         self.stopping = threading.Event()
         self.current: Running | None = None
@@ -72,7 +74,7 @@ class RetrainWorker:
             self._follow()
         if self.current is None and not self.stopping.is_set():
             self._claim()
-        metrics.RETRAIN_JOBS_QUEUED.set(self.predictions.queued_jobs())
+        metrics.RETRAIN_JOBS_QUEUED.set(self.jobs.queued_jobs())
 
     def _follow(self) -> None:
         assert self.current is not None
@@ -80,7 +82,7 @@ class RetrainWorker:
         if code is None:
             return
         job, self.current = self.current, None
-        if record_unreported_exit(self.predictions, job.job_id, code):
+        if record_unreported_exit(self.jobs, job.job_id, code):
             metrics.RETRAIN_TOTAL.labels(trigger=job.trigger, outcome="failed").inc()
         log.info("retrain_worker_job_ended", job_id=job.job_id, exit_code=code)
 
@@ -94,17 +96,17 @@ class RetrainWorker:
             # Nobody holds the lock: a job still marked running has died (on PostgreSQL, once its process had
             # time to take the lock).
             stale_before = None if lock.hands_over else now - STARTUP_GRACE_SECONDS
-            failed = self.predictions.fail_running_jobs(DIED_UNREPORTED, started_before=stale_before)
+            failed = self.jobs.fail_running_jobs(DIED_UNREPORTED, started_before=stale_before)
             if failed:
                 log.error("retrain_failed", reason="process died", jobs=failed)
-            claimed = self.predictions.claim_job(now)
+            claimed = self.jobs.claim_job(now)
             if claimed is None:
                 return
             job_id, trigger = claimed
             try:
                 process = spawn_job(job_id, trigger, self.job_env, lock)
             except OSError as exc:
-                self.predictions.finish_job(job_id, "failed", "failed", {"error": f"could not start: {exc}"})
+                self.jobs.finish_job(job_id, "failed", "failed", {"error": f"could not start: {exc}"})
                 log.error("retrain_failed", job_id=job_id, reason=str(exc))
                 return
         finally:
@@ -128,7 +130,7 @@ class RetrainWorker:
             guard = self.lock.fresh()
             held = guard.try_acquire()
             try:
-                requeued = self.predictions.requeue_job(job.job_id, HANDED_BACK)
+                requeued = self.jobs.requeue_job(job.job_id, HANDED_BACK)
             finally:
                 if held:
                     guard.release()
@@ -157,7 +159,7 @@ class RetrainWorker:
         finally:
             if isinstance(self.lock, AdvisoryRetrainLock):
                 self.lock.dispose()
-            self.predictions.dispose()
+            self.database.dispose()
         log.info("retrain_worker_stopped")
 
 

@@ -2,7 +2,9 @@
 
 Per-call overhead is a large share of the cost of one text, so requests that arrive while the model is
 busy are answered together by the next call. Nothing waits for a batch to fill: an idle worker serves a
-lone request at once.
+lone request at once. A caller may pass ``on_result``, run in the batch's own step before any of its callers
+resumes: what a caller does there for a whole batch at once (the predictor: one spool write, one round of
+metric writes) is done before any of the batch's responses can be sent.
 """
 
 from __future__ import annotations
@@ -10,16 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
 from numpy.typing import NDArray
+from prometheus_client import Histogram
 
 from app.monitoring.metrics import INFERENCE_DURATION
 from app.serving.models import ServedModel
 
 log = structlog.get_logger(__name__)
+
+OnResult = Callable[[NDArray[np.float64]], None]
+"""Called with one caller's rows of class probabilities inside the batch step, before the caller resumes."""
 
 
 @dataclass
@@ -27,6 +34,7 @@ class _Pending:
     model: ServedModel
     texts: list[str]
     future: asyncio.Future[NDArray[np.float64]] = field(repr=False)
+    on_result: OnResult | None = field(default=None, repr=False)
 
 
 class InferenceBatcher:
@@ -43,6 +51,7 @@ class InferenceBatcher:
         self.measure = measure
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._latency: tuple[str, Histogram] | None = None  # (model version, its INFERENCE_DURATION child)
 
     def start(self) -> None:
         if self._task is None:
@@ -57,12 +66,19 @@ class InferenceBatcher:
                 await self._task
             self._task = None
 
-    async def predict_proba(self, model: ServedModel, texts: list[str]) -> NDArray[np.float64]:
-        """Class probabilities for ``texts`` from ``model`` (rows in order; columns negative, positive)."""
+    async def predict_proba(
+        self, model: ServedModel, texts: list[str], on_result: OnResult | None = None
+    ) -> NDArray[np.float64]:
+        """Class probabilities for ``texts`` from ``model`` (rows in order; columns negative, positive).
+
+        ``on_result`` gets the same rows first, in the step that computed them: the calls of one model call
+        run one after the other before any of their callers resumes. If it raises, this call raises that.
+        Not called for a caller that was cancelled meanwhile.
+        """
         if self._task is None:
             raise RuntimeError("InferenceBatcher.start() was not called")
         future: asyncio.Future[NDArray[np.float64]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(model, texts, future))
+        await self._queue.put(_Pending(model, texts, future, on_result))
         return await future
 
     def _take_batch(self, first: _Pending) -> list[_Pending]:
@@ -79,7 +95,9 @@ class InferenceBatcher:
         started = time.perf_counter()
         proba = model.predict_proba(texts)
         if self.measure:
-            INFERENCE_DURATION.labels(model.version).observe(time.perf_counter() - started)
+            if self._latency is None or self._latency[0] != model.version:
+                self._latency = (model.version, INFERENCE_DURATION.labels(model.version))
+            self._latency[1].observe(time.perf_counter() - started)
         return proba
 
     async def _predict_chunked(self, model: ServedModel, texts: list[str]) -> NDArray[np.float64]:
@@ -90,6 +108,16 @@ class InferenceBatcher:
             parts.append(self._call(model, texts[start : start + self.max_batch]))
             await asyncio.sleep(0)
         return np.concatenate(parts)
+
+    @staticmethod
+    def _settle(item: _Pending, rows: NDArray[np.float64]) -> None:
+        if item.on_result is not None:
+            try:
+                item.on_result(rows)
+            except Exception as exc:  # the caller's own failure: it gets it, the batch goes on
+                item.future.set_exception(exc)
+                return
+        item.future.set_result(rows)
 
     async def _run(self) -> None:
         while True:
@@ -110,7 +138,7 @@ class InferenceBatcher:
                 for item in batch:
                     end = start + len(item.texts)
                     if not item.future.done():
-                        item.future.set_result(proba[start:end])
+                        self._settle(item, proba[start:end])
                     start = end
             finally:
                 for _ in batch:

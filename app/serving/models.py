@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import sys
 import time
 from collections.abc import Iterator
@@ -108,6 +109,8 @@ class ModelManager:
         finally:
             sys.setswitchinterval(switch_interval)
         self._model, self._failed = model, None
+        if gc.get_freeze_count():  # a worker that froze its start-up objects (app.gunicorn_worker) freezes each model
+            gc.freeze()
         if served:
             MODEL_INFO.labels(version=served).set(0)
         MODEL_INFO.labels(version=wanted).set(1)

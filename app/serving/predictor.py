@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import structlog
+from numpy.typing import NDArray
+from prometheus_client import Counter, Histogram
+
 from app.ml.data import LABELS
 from app.monitoring import metrics
-from app.monitoring.prediction_log import PredictionRecorder
 from app.serving.batcher import InferenceBatcher
 from app.serving.models import ModelManager
+from app.storage.recorder import PredictionRecorder
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,53 +44,60 @@ class Prediction:
         }
 
 
+def _predictions(version: str, proba: NDArray[np.float64]) -> list[Prediction]:
+    predictions = []
+    for negative, positive in proba.tolist():
+        label = 1 if positive >= negative else 0
+        predictions.append(
+            Prediction(
+                id=uuid.uuid4().hex,
+                sentiment=LABELS[label],
+                confidence=positive if label else negative,
+                probabilities={LABELS[0]: negative, LABELS[1]: positive},
+                model_version=version,
+            )
+        )
+    return predictions
+
+
 class Predictor:
     """Predicts through the batcher; every text of one call is answered by the same model version.
 
     With a recorder, every prediction is counted in the Prometheus metrics and appended to the
-    prediction log (buffered; the request never waits for the database).
+    prediction log (buffered; the request never waits for the database). Recording is per model call:
+    the batcher hands each request's rows to :meth:`_stage` in the batch step, which schedules one
+    :meth:`_record_staged` ahead of the callers' wake-ups: a batch costs one spool write and one round of
+    metric writes (``bench/request_profile.py``: 15 us down to 7 us per request at 14 requests per model
+    call), and every prediction is counted and spooled before its response is sent.
     """
 
     def __init__(self, models: ModelManager, batcher: InferenceBatcher, recorder: PredictionRecorder | None) -> None:
         self.models = models
         self.batcher = batcher
         self.recorder = recorder
+        self._staged: list[dict[str, Any]] = []  # rows predicted, not yet counted nor recorded
+        self._scheduled = False
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}  # (version, sentiment) -> metrics
 
     async def predict(self, texts: list[str]) -> list[Prediction]:
         model = self.models.current
-        started = time.perf_counter()
-        proba = await self.batcher.predict_proba(model, texts)
-        latency_ms = (time.perf_counter() - started) * 1000
-        predictions = []
-        for row in proba.tolist():
-            negative, positive = row
-            label = 1 if positive >= negative else 0
-            predictions.append(
-                Prediction(
-                    id=uuid.uuid4().hex,
-                    sentiment=LABELS[label],
-                    confidence=row[label],
-                    probabilities={LABELS[0]: negative, LABELS[1]: positive},
-                    model_version=model.version,
-                )
-            )
-        if self.recorder is not None:
-            self._record(texts, predictions, latency_ms)
+        if self.recorder is None:
+            return _predictions(model.version, await self.batcher.predict_proba(model, texts))
+        predictions: list[Prediction] = []
+        stage = functools.partial(self._stage, model.version, texts, time.perf_counter(), predictions)
+        await self.batcher.predict_proba(model, texts, stage)
+        self._record_staged()  # a no-op unless something resumed this call before the scheduled recording
         return predictions
 
-    def _record(self, texts: list[str], predictions: list[Prediction], latency_ms: float) -> None:
+    def _stage(
+        self, version: str, texts: list[str], started: float, out: list[Prediction], proba: NDArray[np.float64]
+    ) -> None:
+        """The batcher's ``on_result``: build this call's predictions and queue their rows for recording."""
+        latency_ms = (time.perf_counter() - started) * 1000
         now = time.time()
-        version = predictions[0].model_version  # one call, one model
-        confidences: dict[str, list[float]] = {}
-        for p in predictions:
-            confidences.setdefault(p.sentiment, []).append(p.confidence)
-        for sentiment, values in confidences.items():
-            metrics.PREDICTIONS.labels(version, sentiment).inc(len(values))
-            metrics.observe_many(metrics.PREDICTION_CONFIDENCE.labels(version, sentiment), values)
-        metrics.observe_many(metrics.TEXT_LENGTH, [len(text) for text in texts])
-        rows: list[dict[str, Any]] = []
-        for text, p in zip(texts, predictions, strict=True):
-            rows.append(
+        out.extend(_predictions(version, proba))
+        for text, p in zip(texts, out, strict=True):
+            self._staged.append(
                 {
                     "id": p.id,
                     "created_at": now,
@@ -90,9 +106,39 @@ class Predictor:
                     "sentiment": p.sentiment,
                     "confidence": p.confidence,
                     "p_positive": p.probabilities[LABELS[1]],
-                    "model_version": p.model_version,
+                    "model_version": version,
                     "latency_ms": latency_ms,
                 }
             )
+        if not self._scheduled:
+            # Before the wake-ups of this batch's callers, which the batcher schedules after this call.
+            asyncio.get_running_loop().call_soon(self._record_scheduled)
+            self._scheduled = True
+
+    def _record_scheduled(self) -> None:
+        self._scheduled = False
+        try:
+            self._record_staged()
+        except Exception as exc:  # the recorder never raises; a metric write should not: logged, not fatal
+            log.exception("prediction_record_failed", reason=type(exc).__name__)
+
+    def _record_staged(self) -> None:
+        """Spool and buffer the staged rows (one write), then count them (one write per touched bucket)."""
+        if not self._staged:
+            return
+        rows, self._staged = self._staged, []
         assert self.recorder is not None
         self.recorder.record(rows)
+        confidences: dict[tuple[str, str], list[float]] = {}
+        for row in rows:
+            confidences.setdefault((row["model_version"], row["sentiment"]), []).append(row["confidence"])
+        for key, values in confidences.items():
+            children = self._children.get(key)
+            if children is None:
+                children = self._children[key] = (
+                    metrics.PREDICTIONS.labels(*key),
+                    metrics.PREDICTION_CONFIDENCE.labels(*key),
+                )
+            children[0].inc(len(values))
+            metrics.observe_many(children[1], values)
+        metrics.observe_many(metrics.TEXT_LENGTH, [row["text_length"] for row in rows])

@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from app.main import create_app
 from app.services import Services
 from app.settings import Settings
+from app.storage.predictions import PredictionRow
 from tests.conftest import FEEDBACK, FEEDBACK_TOKEN
 
 
@@ -26,9 +27,9 @@ def predict(client: TestClient, text: str = "A gripping, beautifully acted film.
     return str(response.json()["id"])
 
 
-def logged(client: TestClient, prediction_id: str) -> dict[str, object]:
+def logged(client: TestClient, prediction_id: str) -> PredictionRow:
     """The prediction's row, once its worker has written it."""
-    log = services(client).predictions
+    log = services(client).storage.predictions
     deadline = time.monotonic() + 5
     while (row := log.get_prediction(prediction_id)) is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -62,8 +63,8 @@ def test_feedback_without_a_valid_token_is_401_and_stores_nothing(client: TestCl
         )
     assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
     row = logged(client, prediction_id)
-    assert (row["label"], row["labelled_at"], row["label_source"]) == (None, None, None)
-    assert services(client).predictions.labelled() == []
+    assert (row.label, row.labelled_at, row.label_source) == (None, None, None)
+    assert services(client).storage.predictions.labelled() == []
     (event,) = [e for e in logs if e["event"] == "feedback_unauthorized"]
     assert FEEDBACK_TOKEN not in str(event) and "not-the-feedback-token" not in str(event)
 
@@ -73,7 +74,7 @@ def test_feedback_with_the_token_records_the_token_name(client: TestClient) -> N
     prediction_id = predict(client)
     response = client.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "negative"}, headers=FEEDBACK)
     assert response.status_code == 200, response.text
-    assert logged(client, prediction_id)["label_source"] == "default"
+    assert logged(client, prediction_id).label_source == "default"
 
 
 def test_each_named_token_records_its_own_name(named_client: TestClient) -> None:
@@ -85,8 +86,8 @@ def test_each_named_token_records_its_own_name(named_client: TestClient) -> None
             headers={"Authorization": f"Bearer {token}"},
         )
         assert response.status_code == 200, response.text
-    assert logged(named_client, first)["label_source"] == "mobile"
-    assert logged(named_client, second)["label_source"] == "web"
+    assert logged(named_client, first).label_source == "mobile"
+    assert logged(named_client, second).label_source == "web"
     refused = named_client.post(
         "/v1/feedback", json={"prediction_id": first, "label": "positive"}, headers={"Authorization": "Bearer web"}
     )
@@ -102,7 +103,7 @@ def test_without_a_configured_token_feedback_is_refused(settings: Settings) -> N
                 "/v1/feedback", json={"prediction_id": prediction_id, "label": "positive"}, headers=headers
             )
             assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
-        assert logged(client, prediction_id)["label"] is None
+        assert logged(client, prediction_id).label is None
 
 
 def test_development_mode_accepts_unauthenticated_feedback_as_anonymous(settings: Settings) -> None:
@@ -111,7 +112,7 @@ def test_development_mode_accepts_unauthenticated_feedback_as_anonymous(settings
         prediction_id = predict(client)
         response = client.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "positive"})
         assert response.status_code == 200, response.text
-        assert logged(client, prediction_id)["label_source"] == "anonymous"
+        assert logged(client, prediction_id).label_source == "anonymous"
 
 
 def test_development_mode_still_requires_a_token_once_one_is_configured(settings: Settings) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,6 +12,7 @@ from prometheus_client import REGISTRY
 from app.main import create_app
 from app.services import Services
 from app.settings import Settings
+from app.storage.drift_checks import DriftCheck
 from tests.conftest import FEEDBACK
 
 
@@ -88,7 +90,7 @@ def test_predictions_reach_the_log_and_count_in_the_metrics(client: TestClient, 
         "sentiment_model_info",
     ):
         assert name in page.text
-    predictions = services(client).predictions
+    predictions = services(client).storage.predictions
     deadline = time.monotonic() + 2
     while predictions.count_predictions() < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -96,20 +98,20 @@ def test_predictions_reach_the_log_and_count_in_the_metrics(client: TestClient, 
 
 
 def test_drift_endpoint_reports_current_status_and_history(client: TestClient) -> None:
-    predictions = services(client).predictions
+    drift_checks = services(client).storage.drift_checks
     for i, status in enumerate(["insufficient_data", "no_drift", "drift"]):
-        predictions.insert_drift_check(
-            {
-                "checked_at": 1_800_000_000.0 + i,
-                "model_version": "v",
-                "status": status,
-                "drift": status == "drift",
-                "score": 0.1 * i,
-                "p_value": 0.5 - 0.2 * i,
-                "threshold": 0.01,
-                "window_size": 500,
-                "details": {},
-            }
+        drift_checks.insert(
+            DriftCheck(
+                checked_at=1_800_000_000.0 + i,
+                model_version="v",
+                status=status,
+                drift=status == "drift",
+                score=0.1 * i,
+                p_value=0.5 - 0.2 * i,
+                threshold=0.01,
+                window_size=500,
+                details={},
+            )
         )
     body = client.get("/v1/drift", params={"limit": 2}).json()
     assert body["current"]["status"] == "drift" and body["current"]["drift"] is True
@@ -125,4 +127,54 @@ def test_monitoring_off_serves_without_logging(settings: Settings) -> None:
     with TestClient(create_app(quiet)) as client:
         assert client.post("/v1/predict", json={"text": "fine"}).status_code == 200
         time.sleep(0.2)
-        assert services(client).predictions.count_predictions() == 0
+        assert services(client).storage.predictions.count_predictions() == 0
+
+
+def test_drift_reports_the_estimate_next_to_the_reference_and_live_accuracy(
+    client: TestClient, drift_check: Callable[[list[str]], DriftCheck], tweets: list[str]
+) -> None:
+    """/v1/drift: the latest full window's estimate and band, its reference, the realised accuracy from feedback."""
+    empty = client.get("/v1/drift").json()
+    assert empty["estimated_accuracy"] is None and empty["explanation"] is None
+    assert empty["live_accuracy"] == {"accuracy": None, "labelled": 0, "window": 500}
+    labelled = predict(client, "A dull, tedious and boring mess.")
+    client.post("/v1/feedback", json={"prediction_id": labelled["id"], "label": "negative"}, headers=FEEDBACK)
+    check = drift_check(tweets)
+    body = client.get("/v1/drift").json()
+    estimated = body["estimated_accuracy"]
+    assert estimated["check_id"] == check.id and estimated["model_version"] == check.model_version
+    assert estimated["estimate"] == check.estimated_accuracy and estimated["window_size"] == 200
+    assert estimated["low"] < estimated["estimate"] < estimated["high"] and estimated["method"] == "confidence"
+    reference = estimated["reference"]
+    assert reference["method"] == "confidence" and reference["window_size"] > 200
+    assert estimated["drop_points"] == round((reference["estimate"] - estimated["estimate"]) * 100, 2) > 2
+    assert body["live_accuracy"] == {"accuracy": 1.0, "labelled": 1, "window": 500}
+    (latest,) = body["history"][:1]
+    assert latest["id"] == check.id and latest["estimated_accuracy"] == check.estimated_accuracy
+    assert latest["explained"] is True
+
+
+def test_drift_shows_the_latest_explanation_and_each_check_by_id(
+    client: TestClient, drift_check: Callable[[list[str]], DriftCheck], tweets: list[str]
+) -> None:
+    """The explanation of the latest flagged check as stored (terms as text, live texts verbatim); 404 for no check."""
+    flagged = drift_check(tweets)
+    assert flagged.drift and flagged.explanation is not None
+    body = client.get("/v1/drift").json()
+    shown = body["explanation"]
+    assert shown["check_id"] == flagged.id and shown["model_version"] == flagged.model_version
+    assert shown["explanation"] == flagged.explanation
+    assert {e["text"] for e in shown["explanation"]["examples"]} <= set(tweets)
+    assert all(isinstance(t["term"], str) for t in shown["explanation"]["over_represented"])
+    one = client.get(f"/v1/drift/checks/{flagged.id}")
+    assert one.status_code == 200
+    assert one.json()["explanation"] == flagged.explanation and one.json()["status"] == "drift"
+    assert one.json()["id"] == flagged.id and one.json()["explained"] is True
+    unexplained = services(client).storage.drift_checks.insert(
+        DriftCheck(time.time(), "v", "no_drift", drift=False, window_size=500)
+    )
+    assert client.get(f"/v1/drift/checks/{unexplained}").json()["explanation"] is None
+    missing = client.get(f"/v1/drift/checks/{unexplained + 1}")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "drift_check_not_found"
+    for bad in ("0", "x", str(2**31)):
+        assert client.get(f"/v1/drift/checks/{bad}").json()["error"]["code"] == "validation_error"

@@ -6,17 +6,19 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 
 from app.main import create_app
 from app.retrain.alerts import Notification, WebhookConfigurationError
 from app.retrain.webhooks import SOURCES, WebhookSource, header_credentials
 from app.settings import Settings
+from app.storage.drift_checks import DriftCheck
 from tests.conftest import ADMIN_TOKEN, WEBHOOK_TOKEN
 
 PAYLOADS = Path(__file__).resolve().parents[1] / "fixtures" / "payloads"
@@ -206,3 +208,54 @@ def test_a_source_registered_in_a_fresh_app_reaches_the_launcher(hooks: TestClie
         assert started.status_code == 202 and started.json()["status"] == "retrain_started"
         assert wait_job(client, started.json()["job_id"])["trigger"] == "probe"
         assert "/v1/webhooks/probe" in client.get("/openapi.json").json()["paths"]
+
+
+def retrain_skips(source: str = "alertmanager") -> float:
+    labels = {"trigger": source, "outcome": "skipped_harmless_drift"}
+    return REGISTRY.get_sample_value("sentiment_retrain_total", labels) or 0.0
+
+
+def test_with_a_drop_threshold_harmless_drift_is_acknowledged_without_a_retrain(
+    settings: Settings,
+    drift_check: Callable[[list[str]], DriftCheck],
+    joined_reviews: list[str],
+    tweets: list[str],
+) -> None:
+    """SENTIMENT_RETRAIN_MIN_ESTIMATED_DROP_POINTS=2: longer film reviews (drift, no estimated drop) retrain
+    nothing; tweets (about 5 points below the reference) do, and the job records the check and the figures."""
+    gated = settings.model_copy(update={"retrain_min_estimated_drop_points": 2.0, "retrain_cooldown_seconds": 0})
+    with TestClient(create_app(gated)) as client:
+        harmless = drift_check(joined_reviews)
+        assert harmless.drift and harmless.explanation is not None
+        before = retrain_skips()
+        answer = client.post("/v1/webhooks/alertmanager", json=payload("alertmanager-firing.json"), headers=HOOK)
+        assert answer.status_code == 202 and answer.json()["status"] == "skipped_harmless_drift"
+        assert answer.json()["job_id"] is None and f"drift check {harmless.id}" in answer.json()["detail"]
+        assert client.get("/v1/retrain/jobs", headers=ADMIN).json() == []
+        assert retrain_skips() == before + 1
+        harmful = drift_check(tweets)
+        started = client.post("/v1/webhooks/alertmanager", json=payload("alertmanager-firing.json"), headers=HOOK)
+        assert started.json()["status"] == "retrain_started"  # the firing was not claimed by the skip
+        job = wait_job(client, started.json()["job_id"])
+    gate = job["details"]["estimated_accuracy_gate"]
+    assert gate["decision"] == "retrain" and gate["check_id"] == harmful.id and gate["drop_points"] >= 2.0
+    assert gate["threshold_points"] == 2.0 and gate["estimated_accuracy"] == harmful.estimated_accuracy
+    recorded = job["details"]["drift_check"]
+    assert recorded["id"] == harmful.id and recorded["explanation"] == harmful.explanation
+    assert job["outcome"] == "skipped_no_new_labels"  # how it ended stays next to what triggered it
+
+
+def test_without_a_drop_threshold_drift_alone_retrains(
+    settings: Settings, drift_check: Callable[[list[str]], DriftCheck], joined_reviews: list[str]
+) -> None:
+    """The default: the estimate does not hold a drift alert back; the job still records the drift check."""
+    assert settings.retrain_min_estimated_drop_points is None
+    with TestClient(create_app(settings)) as client:
+        harmless = drift_check(joined_reviews)
+        before = retrain_skips()
+        started = client.post("/v1/webhooks/alertmanager", json=payload("alertmanager-firing.json"), headers=HOOK)
+        assert started.json()["status"] == "retrain_started"
+        job = wait_job(client, started.json()["job_id"])
+    assert retrain_skips() == before
+    assert "estimated_accuracy_gate" not in job["details"]
+    assert job["details"]["drift_check"]["id"] == harmless.id

@@ -11,13 +11,15 @@ from fastapi.testclient import TestClient
 from structlog.testing import capture_logs
 
 from app.api.deps import (
+    DatabaseDep,
+    DriftChecksDep,
     DriftStatusDep,
     FeedbackDep,
     LauncherDep,
     ModelsDep,
-    PredictionsDep,
     PredictorDep,
     RegistryDep,
+    RetrainJobsDep,
     ServicesDep,
     SettingsDep,
     WebhooksDep,
@@ -201,7 +203,9 @@ def _add_probe(app: FastAPI) -> None:
         registry: RegistryDep,
         models: ModelsDep,
         predictor: PredictorDep,
-        predictions: PredictionsDep,
+        database: DatabaseDep,
+        drift_checks: DriftChecksDep,
+        jobs: RetrainJobsDep,
         drift_status: DriftStatusDep,
         feedback: FeedbackDep,
         webhooks: WebhooksDep,
@@ -213,13 +217,17 @@ def _add_probe(app: FastAPI) -> None:
             "registry": registry,
             "models": models,
             "predictor": predictor,
-            "predictions": predictions,
             "drift_status": drift_status,
             "feedback": feedback,
             "webhooks": webhooks,
             "launcher": launcher,
         }
-        return {"services": services is container} | {k: v is getattr(container, k) for k, v in got.items()}
+        stored = {"database": database, "drift_checks": drift_checks, "jobs": jobs}
+        return (
+            {"services": services is container}
+            | {k: v is getattr(container, k) for k, v in got.items()}
+            | {k: v is getattr(container.storage, k) for k, v in stored.items()}
+        )
 
 
 def test_every_dependency_resolves_from_the_one_services_container(settings: Settings) -> None:
@@ -231,12 +239,19 @@ def test_every_dependency_resolves_from_the_one_services_container(settings: Set
         assert client.get("/probe").json() == dict.fromkeys(
             [
                 "services",
-                *(f.name for f in dataclasses.fields(Services) if f.name not in {"recorder", "batcher", "admin_token"}),
+                *(
+                    f.name
+                    for f in dataclasses.fields(Services)
+                    if f.name not in {"recorder", "batcher", "admin_token", "storage"}
+                ),
+                "database",
+                "drift_checks",
+                "jobs",
             ],
             True,
         )
         # Routes read the container at request time: swap one collaborator and the next request uses it.
-        swapped = DriftStatus(services.predictions, refresh=3600)
+        swapped = DriftStatus(services.storage.drift_checks, refresh=3600)
         swapped.summary = {**swapped.summary, "status": "drift", "drift": True}
         client.app.state.services = dataclasses.replace(services, drift_status=swapped)  # type: ignore[attr-defined]
         assert client.post("/v1/predict", json={"text": "fine"}).json()["drift"]["status"] == "drift"

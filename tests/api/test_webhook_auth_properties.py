@@ -23,8 +23,9 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from app.main import create_app
-from app.monitoring.prediction_log import PredictionLog
 from app.settings import Settings
+from app.storage.database import Database
+from app.storage.retrain_jobs import RetrainJobRepository
 from tests.conftest import ADMIN_TOKEN, WEBHOOK_TOKEN
 
 HMAC_SECRET = "fuzz-hmac-secret"
@@ -139,9 +140,10 @@ def hooks(settings: Settings) -> Iterator[TestClient]:
             "retrain_cooldown_seconds": 86400.0,
         }
     )
-    seeded = PredictionLog(signed.prediction_log_url)  # a retrain that just ended: the cooldown runs
-    seeded.create_job("cooldown", "manual", "seeded", time.time())
-    seeded.finish_job("cooldown", "succeeded", "skipped_no_new_labels", {})
+    seeded = Database(signed.prediction_log_url)  # a retrain that just ended: the cooldown runs
+    jobs = RetrainJobRepository(seeded)
+    jobs.create_job("cooldown", "manual", "seeded", time.time())
+    jobs.finish_job("cooldown", "succeeded", "skipped_no_new_labels", {})
     seeded.dispose()
     with TestClient(create_app(signed), raise_server_exceptions=False) as client:
         yield client

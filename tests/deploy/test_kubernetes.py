@@ -382,7 +382,7 @@ def test_the_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "14 rules found" in result.stdout
+    assert "15 rules found" in result.stdout
 
 
 def test_the_rules_unit_tests_pass_with_series_labelled_per_pod() -> None:

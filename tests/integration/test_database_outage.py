@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from app.ml.registry import ModelRegistry
-from app.monitoring.prediction_log import predictions
+from app.storage.database import predictions
 from tests.integration.services import FEEDBACK, Service, start_service, wait_for
 from tests.postgres import PostgresCluster, postgres, postgres_url  # noqa: F401  fixtures
 

@@ -26,7 +26,8 @@ import pytest
 import schemathesis
 
 from app.ml.registry import ModelRegistry
-from app.monitoring.prediction_log import PredictionLog
+from app.storage.database import Database
+from app.storage.retrain_jobs import RetrainJobRepository
 from tests.integration.fuzzing import CHECKS, FuzzRun, run_schemathesis, write_config
 from tests.integration.services import Service, start_service
 
@@ -55,9 +56,10 @@ def fuzz_service(tmp_path_factory: pytest.TempPathFactory, _session_store: tuple
         SENTIMENT_FEEDBACK_TOKEN=FEEDBACK_TOKEN,
         SENTIMENT_RETRAIN_COOLDOWN_SECONDS="86400",
     )
-    seeded = PredictionLog(f"sqlite:///{Path(running.env['SENTIMENT_STATE_DIR']) / 'predictions.db'}")
-    seeded.create_job(SEEDED_JOB, "manual", "seeded", time.time())  # a retrain that just ended: the cooldown runs
-    seeded.finish_job(SEEDED_JOB, "succeeded", "skipped_no_new_labels", {})
+    seeded = Database(f"sqlite:///{Path(running.env['SENTIMENT_STATE_DIR']) / 'predictions.db'}")
+    jobs = RetrainJobRepository(seeded)
+    jobs.create_job(SEEDED_JOB, "manual", "seeded", time.time())  # a retrain that just ended: the cooldown runs
+    jobs.finish_job(SEEDED_JOB, "succeeded", "skipped_no_new_labels", {})
     seeded.dispose()
     yield running
     running.stop()

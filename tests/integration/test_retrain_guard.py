@@ -14,7 +14,8 @@ import pytest
 
 from app.ml.data import Corpus
 from app.ml.registry import ModelRegistry
-from app.monitoring.prediction_log import PredictionLog
+from app.storage.database import Database
+from app.storage.predictions import PredictionRepository
 from tests.integration.services import Service, start_service, wait_for
 from tests.traffic import log_predictions
 
@@ -81,7 +82,8 @@ def test_a_killed_retrain_frees_the_lock_leaves_no_version_and_is_marked_failed(
     )
     try:
         # Enough real labels that the retrain trains for a while.
-        log_store = PredictionLog(f"sqlite:///{Path(service.env['SENTIMENT_STATE_DIR']) / 'predictions.db'}")
+        database = Database(f"sqlite:///{Path(service.env['SENTIMENT_STATE_DIR']) / 'predictions.db'}")
+        log_store = PredictionRepository(database)
         tweets = load_tweets()
         model = store.load(full_store[1])
         log_predictions(log_store, model.model, model.version, tweets.texts[:1500], tweets.labels[:1500])

@@ -45,9 +45,10 @@ from sqlalchemy.engine import Engine
 from app.migrations import upgrade
 from app.ml.data import load_tweets
 from app.ml.registry import REFERENCE_ARTIFACT, SIGNATURE, ModelRegistry
-from app.monitoring.prediction_log import PredictionLog
 from app.retrain.lock import AdvisoryRetrainLock
 from app.settings import Settings
+from app.storage.database import Database
+from app.storage.predictions import PredictionRepository
 from tests.integration.services import REPO, Service, start_service, wait_for
 from tests.postgres import PostgresCluster, postgres  # noqa: F401  fixtures
 from tests.s3 import SeaweedS3, seaweedfs  # noqa: F401  fixtures
@@ -243,11 +244,11 @@ def seed(registry: ModelRegistry, full_store: tuple[Path, str], database_url: st
     loaded = folder.load(full_store[1])
     tweets = load_tweets()  # sorted by label: a random sample holds both
     sample = tweets.subset(np.random.default_rng(0).permutation(len(tweets))[:FEEDBACK_LABELS])
-    log = PredictionLog(database_url)
+    database = Database(database_url)
     try:
-        log_predictions(log, loaded.model, original, sample.texts, sample.labels)
+        log_predictions(PredictionRepository(database), loaded.model, original, sample.texts, sample.labels)
     finally:
-        log.dispose()
+        database.dispose()
     return original, list(loaded.read_json(REFERENCE_ARTIFACT)["texts"])
 
 

@@ -31,12 +31,12 @@ from app.main import create_app
 from app.migrations import BASELINE, UPGRADE_COMMAND, DatabaseSchemaBehindError, alembic_config, upgrade
 from app.ml.registry import ModelRegistry
 from app.monitoring.monitor import DriftMonitor
-from app.monitoring.prediction_log import PredictionLog
 from app.settings import Settings
+from app.storage.repositories import Repositories
 from tests.conftest import free_port
 from tests.integration.services import start_service
-from tests.monitoring.test_prediction_log import row
 from tests.postgres import postgres, postgres_url  # noqa: F401  fixtures
+from tests.storage.test_predictions import row
 
 
 @pytest.fixture
@@ -107,16 +107,17 @@ def test_revisions_downgrade_and_upgrade_again_keeping_the_rows(url: str) -> Non
     """Rolling releases back: down to the baseline drops what later revisions added (their data only: the
     label_source column, the model registry's tables), up again restores it."""
     upgrade(url)
-    log = PredictionLog(url)
-    log.insert_predictions([row(1), row(2)])
-    log.set_label("p00001", "positive", source="web")
+    log = Repositories.connect(url)
+    log.predictions.insert_predictions([row(1), row(2)])
+    log.predictions.set_label("p00001", "positive", source="web")
     log.dispose()
     assert migrations.downgrade(url, BASELINE).current == BASELINE
     assert "label_source" not in columns(url, "predictions") and not tables(url) & REGISTRY_TABLES
     assert upgrade(url).up_to_date
     assert "label_source" in columns(url, "predictions") and tables(url) >= REGISTRY_TABLES
-    log = PredictionLog(url)
-    assert log.count_predictions() == 2 and log.get_prediction("p00001")["label"] == "positive"  # type: ignore[index]
+    log = Repositories.connect(url)
+    labelled = log.predictions.get_prediction("p00001")
+    assert log.predictions.count_predictions() == 2 and labelled is not None and labelled.label == "positive"
     log.dispose()
 
 
@@ -219,9 +220,10 @@ def test_a_database_from_before_migrations_is_adopted_and_keeps_its_rows(url: st
     assert said[0].startswith("adopted a database created before migrations") and BASELINE in said[0]
     assert said[1] == f"upgraded from {BASELINE} to {migrations.head()}"
     assert_schema_matches_the_models(url)
-    log = PredictionLog(url)
-    assert log.count_predictions() == 5 and [r["label"] for r in log.labelled()] == ["positive"] * 5
-    assert log.unseen_alerts(["f@t0", "f@t1"]) == ["f@t1"]
+    log = Repositories.connect(url)
+    assert log.predictions.count_predictions() == 5
+    assert [r.label for r in log.predictions.labelled()] == ["positive"] * 5
+    assert log.alerts.unseen(["f@t0", "f@t1"]) == ["f@t1"]
     log.dispose()
 
 

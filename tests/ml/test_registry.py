@@ -92,6 +92,21 @@ def test_rollback_returns_to_the_previous_version(store: ModelRegistry, versions
         store.rollback()
 
 
+def test_a_guarded_rollback_leaves_an_operators_change_alone_and_can_reject(
+    store: ModelRegistry, versions: list[str]
+) -> None:
+    """rollback(expected_current=...) acts only while that version is current; reject=True retires it for good."""
+    old, new = versions
+    store.promote(new)
+    with pytest.raises(CurrentVersionChangedError):
+        store.rollback(expected_current=old)
+    assert store.current_version() == new
+    assert store.rollback(expected_current=new, reject=True) == old
+    assert store.get(new).stage == "rejected" and store.get(old).stage == "production"
+    with pytest.raises(ModelStoreError, match="rejected"):
+        store.promote(new)
+
+
 def test_rejected_versions_cannot_be_promoted(store: ModelRegistry, versions: list[str]) -> None:
     meta_path = store.root / versions[1] / METADATA
     meta = json.loads(meta_path.read_text())

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from typing import Any
+from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from app.ml.drift_reference import DriftReference
+from app.ml.drift_reference import DriftReference, embed, load_reference, reference_artifacts
 from app.ml.registry import LoadedModel
 from app.monitoring.drift import TESTS, DriftDetector, DriftTest, Outcome, Window, family_names
 from app.monitoring.monitor import export
+from app.storage.predictions import WindowRow
 
 WINDOW = 200
 
 
-def rows(model: LoadedModel, texts: list[str]) -> list[dict[str, Any]]:
+def rows(model: LoadedModel, texts: list[str]) -> list[WindowRow]:
     proba = model.model.predict_proba(texts)[:, 1]
     return [
-        {"text": t, "p_positive": float(p), "confidence": float(max(p, 1 - p))}
+        WindowRow(t, float(max(p, 1 - p)), float(p), "positive" if p >= 0.5 else "negative", 0.0)
         for t, p in zip(texts, proba, strict=True)
     ]
 
@@ -66,7 +69,7 @@ def test_a_label_prior_shift_is_flagged(
     detector: DriftDetector, current: LoadedModel, unseen_in_domain: list[str]
 ) -> None:
     scored = rows(current, unseen_in_domain[:3000])
-    negative_heavy = [r for r in scored if r["p_positive"] < 0.5][:WINDOW]
+    negative_heavy = [r for r in scored if r.p_positive < 0.5][:WINDOW]
     result = detector.check(negative_heavy)
     assert result.drift and "label_mix" in result.details["tests_rejecting"]
 
@@ -123,3 +126,21 @@ def test_tests_of_a_family_need_distinct_names(current: LoadedModel, reference: 
             window_size=WINDOW,
             tests=(NeverRejects, NeverRejects),
         )
+
+
+def test_a_loaded_reference_embeds_windows_without_copying_its_components(
+    current: LoadedModel, reference: DriftReference, tmp_path: Path, unseen_in_domain: list[str]
+) -> None:
+    """The components load Fortran-ordered, from this release's files and older C-ordered ones alike, so scipy
+    multiplies ``components.T`` in place (otherwise it copies n_features x k floats, ~25 MB, every check)."""
+    older = dataclasses.replace(reference, components=np.ascontiguousarray(reference.components))
+    for name, write in reference_artifacts(older).items():
+        write(tmp_path / name)
+    reloaded = load_reference(tmp_path)
+    for loaded in (reference, reloaded):
+        assert loaded.components.T.flags.c_contiguous
+    assert np.array_equal(reloaded.components, reference.components)
+    window = unseen_in_domain[:50]
+    assert np.array_equal(
+        embed(current.model, older.components, window), embed(current.model, reference.components, window)
+    )

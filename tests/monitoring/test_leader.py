@@ -26,8 +26,8 @@ from app.ml.registry import LoadedModel, ModelRegistry
 from app.monitoring.leader import ADVISORY_KEY, AdvisoryLeaderLock, FileLeaderLock, LeaderLock
 from app.monitoring.metrics import MULTIPROC_ENV
 from app.monitoring.monitor import DriftMonitor
-from app.monitoring.prediction_log import PredictionLog
 from app.settings import REPO_ROOT, Settings
+from app.storage.repositories import Repositories
 from tests.conftest import free_port
 from tests.postgres import PostgresCluster, postgres, postgres_url  # noqa: F401  fixtures
 from tests.traffic import log_predictions
@@ -120,6 +120,7 @@ def spawn(store: ModelRegistry, tmp_path: Path, database_url: str) -> Iterator[C
         "SENTIMENT_DRIFT_PERMUTATIONS": "20",
         "SENTIMENT_DRIFT_CHECK_EVERY_PREDICTIONS": "10",
         "SENTIMENT_DRIFT_CHECK_INTERVAL_SECONDS": "0.5",
+        "SENTIMENT_DRIFT_MIN_CHECK_INTERVAL_SECONDS": "0",  # a check each poll with news: 3 in the 4 s below
     }
     started: list[Monitor] = []
 
@@ -149,12 +150,12 @@ def test_one_of_two_monitor_processes_leads_and_the_other_takes_over_after_a_sig
     clothing_texts: list[str],
     tmp_path: Path,
 ) -> None:
-    log = PredictionLog(database_url)
+    log = Repositories.connect(database_url)
     sent = 0
 
     def traffic() -> None:  # a few new predictions: a check is due on the leader's next poll
         nonlocal sent
-        log_predictions(log, current.model, current.version, clothing_texts[sent : sent + 20])
+        log_predictions(log.predictions, current.model, current.version, clothing_texts[sent : sent + 20])
         sent += 20
 
     first, second = spawn("first"), spawn("second")
@@ -170,7 +171,7 @@ def test_one_of_two_monitor_processes_leads_and_the_other_takes_over_after_a_sig
     assert len(checks) >= 3 and not follower.events(*CHECK_EVENTS, "monitor_leader_acquired")
     assert leader_gauges(follower.port) == {leader.pid: 1.0, follower.pid: 0.0}  # either port serves both
     # Every stored check is one the leader logged: the follower wrote none.
-    assert len(log.drift_history(1000)) == len(checks)
+    assert len(log.drift_checks.history(1000)) == len(checks)
 
     killed_at = time.monotonic()
     leader.process.send_signal(signal.SIGKILL)
@@ -185,7 +186,7 @@ def test_one_of_two_monitor_processes_leads_and_the_other_takes_over_after_a_sig
     # The supervisor (or a fresh pod's wiped directory) drops a dead process's live gauges.
     multiprocess.mark_process_dead(leader.pid, str(tmp_path / "metrics"))  # type: ignore[no-untyped-call]
     assert leader_gauges(follower.port) == {follower.pid: 1.0}
-    assert len(log.drift_history(1000)) == len(checks) + len(follower.events(*CHECK_EVENTS))
+    assert len(log.drift_checks.history(1000)) == len(checks) + len(follower.events(*CHECK_EVENTS))
     log.dispose()
 
 
@@ -218,7 +219,7 @@ def test_a_leader_whose_lock_session_dies_stops_checking_and_another_takes_the_l
     finally:
         other.dispose()
         monitor.leader_lock.dispose()
-        monitor.store.dispose()
+        monitor.database.dispose()
 
 
 def test_through_a_database_outage_the_leader_steps_down_and_leads_again_after(
@@ -242,7 +243,7 @@ def test_through_a_database_outage_the_leader_steps_down_and_leads_again_after(
         assert monitor.lead() and monitor.lead()
     finally:
         monitor.leader_lock.dispose()
-        monitor.store.dispose()
+        monitor.database.dispose()
 
 
 @pytest.mark.parametrize("kind", ["flock", "advisory"])

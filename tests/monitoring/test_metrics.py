@@ -85,6 +85,8 @@ def test_initialise_counters_writes_a_zero_for_every_counter_an_alert_reads(tmp_
         ("sentiment_prediction_log_errors_total", (("reason", "write_failed"),)),
         ("sentiment_supervised_restarts_total", (("process", "monitor"),)),
         ("sentiment_drift_checks_total", (("outcome", "error"),)),
+        ("sentiment_model_rollbacks_total", (("reason", "realised_accuracy"),)),
+        ("sentiment_model_rollbacks_total", (("reason", "estimated_accuracy"),)),
         *[("sentiment_prediction_log_dropped_total", (("reason", r),)) for r in PREDICTION_LOG_DROP_REASONS],
         *[
             ("sentiment_retrain_total", (("outcome", o), ("trigger", t)))
@@ -110,3 +112,24 @@ def test_last_check_reads_never_until_a_check_then_outlives_its_monitor(tmp_path
     for pid in (first, second):  # the supervisor and gunicorn mark dead processes
         in_process(tmp_path, f"metrics.mark_process_dead({pid})")
     assert scrape(tmp_path)[key] == 1_700_000_600.0
+
+
+def test_estimated_accuracy_keeps_one_series_per_version_from_the_latest_monitor(tmp_path: Path) -> None:
+    """mostrecent: a restarted monitor's estimate replaces the dead one's, per version; workers add no sample."""
+    name = "sentiment_estimated_accuracy"
+    in_process(tmp_path, "")  # a web worker: imports the metrics, never estimates
+    first = in_process(tmp_path, 'metrics.ESTIMATED_ACCURACY.labels(model_version="v1").set(0.81)')
+    second = in_process(  # the restarted monitor, which then follows a new version
+        tmp_path,
+        'metrics.ESTIMATED_ACCURACY.labels(model_version="v1").set(0.74)\n'
+        'metrics.ESTIMATED_ACCURACY.labels(model_version="v2").set(0.8)\n'
+        'metrics.ESTIMATED_ACCURACY_REFERENCE.labels(model_version="v2").set(0.79)',
+    )
+    for pid in (first, second):
+        in_process(tmp_path, f"metrics.mark_process_dead({pid})")
+    found = {key: value for key, value in scrape(tmp_path).items() if key[0].startswith(name)}
+    assert found == {
+        (name, (("model_version", "v1"),)): 0.74,
+        (name, (("model_version", "v2"),)): 0.8,
+        (f"{name}_reference", (("model_version", "v2"),)): 0.79,
+    }

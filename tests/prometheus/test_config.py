@@ -30,7 +30,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_prometheus_config_and_rules_are_valid() -> None:
     result = run(tool("promtool"), "check", "config", "prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "11 rules found" in result.stdout
+    assert "12 rules found" in result.stdout
 
 
 def test_every_alert_rule_passes_its_unit_tests() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 from app.migrations import upgrade
 from app.ml.data import Corpus, load_tweets
 from app.ml.registry import ModelRegistry
-from app.monitoring.prediction_log import PredictionLog
 from app.settings import Settings
+from app.storage.predictions import PredictionRepository
+from app.storage.repositories import Repositories
 from tests.traffic import log_predictions
 
 
@@ -36,14 +38,21 @@ def tweets() -> Corpus:
 
 
 @pytest.fixture
-def prediction_log(settings: Settings) -> PredictionLog:
+def storage(settings: Settings) -> Iterator[Repositories]:
     upgrade(settings.prediction_log_url)
-    store = PredictionLog(settings.prediction_log_url)
-    return store
+    repositories = Repositories.connect(settings.prediction_log_url)
+    yield repositories
+    repositories.dispose()
 
 
 def add_feedback(
-    store: PredictionLog, registry: ModelRegistry, corpus: Corpus, start: int, count: int, *, source: str = "default"
+    store: PredictionRepository,
+    registry: ModelRegistry,
+    corpus: Corpus,
+    start: int,
+    count: int,
+    *,
+    source: str = "default",
 ) -> None:
     """Log real predictions of the current model on ``corpus`` rows, then label them with the truth, as sent
     by the feedback token named ``source``."""

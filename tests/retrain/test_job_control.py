@@ -14,17 +14,17 @@ import pytest
 
 from app.ml.data import Corpus
 from app.ml.registry import ModelRegistry
-from app.monitoring.prediction_log import PredictionLog
 from app.retrain import job
 from app.retrain.lock import LOCK_FD_ENV, try_lock
 from app.settings import REPO_ROOT, Settings
+from app.storage.repositories import Repositories
 from tests.retrain.conftest import add_feedback
 
 
 def test_a_rollback_while_a_retrain_runs_stays_current(
     store: ModelRegistry,
     settings: Settings,
-    prediction_log: PredictionLog,
+    storage: Repositories,
     tweets: Corpus,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -32,7 +32,7 @@ def test_a_rollback_while_a_retrain_runs_stays_current(
     assert first is not None
     shutil.copytree(store.root / first, store.root / "v-second")  # a second good version to roll back from
     store.promote("v-second")
-    add_feedback(prediction_log, store, tweets, 0, 300)
+    add_feedback(storage.predictions, store, tweets, 0, 300)
     real_gate = job.run_gate
 
     def gate_during_a_rollback(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -47,10 +47,10 @@ def test_a_rollback_while_a_retrain_runs_stays_current(
     assert store.get(result.candidate_version).stage == "candidate"  # type: ignore[arg-type]
 
 
-def _run_job(settings: Settings, prediction_log: PredictionLog, max_seconds: float) -> tuple[str, int, float]:
+def _run_job(settings: Settings, storage: Repositories, max_seconds: float) -> tuple[str, int, float]:
     """Start ``python -m app.retrain.job`` for a recorded job; its id, exit status and seconds."""
     job_id = uuid.uuid4().hex
-    prediction_log.create_job(job_id, "manual", "test")
+    storage.jobs.create_job(job_id, "manual", "test")
     env = {k: v for k, v in os.environ.items() if k != LOCK_FD_ENV}
     env |= {**settings.as_env(), "SENTIMENT_RETRAIN_MAX_SECONDS": str(max_seconds), "OMP_NUM_THREADS": "1"}
     started = time.monotonic()
@@ -66,14 +66,14 @@ def _run_job(settings: Settings, prediction_log: PredictionLog, max_seconds: flo
 
 
 def test_a_retrain_past_its_max_time_is_ended_recorded_as_failed_and_frees_the_lock(
-    store: ModelRegistry, settings: Settings, prediction_log: PredictionLog, tweets: Corpus, versions: list[str]
+    store: ModelRegistry, settings: Settings, storage: Repositories, tweets: Corpus, versions: list[str]
 ) -> None:
-    add_feedback(prediction_log, store, tweets, 0, 300)  # enough new labels to fit: seconds of work
-    job_id, code, seconds = _run_job(settings, prediction_log, max_seconds=0.5)
+    add_feedback(storage.predictions, store, tweets, 0, 300)  # enough new labels to fit: seconds of work
+    job_id, code, seconds = _run_job(settings, storage, max_seconds=0.5)
     assert code == job.TIMEOUT_EXIT_CODE
-    record = prediction_log.jobs(job_id=job_id)[0]
-    assert record["status"] == "failed" and record["outcome"] == "failed"
-    assert record["details"]["reason"] == "timeout"
+    record = storage.jobs.get(job_id)
+    assert record is not None and record.status == "failed" and record.outcome == "failed"
+    assert record.details["reason"] == "timeout"
     fd = try_lock(store.root)
     assert fd is not None, "the retrain lock outlived the retrain"
     os.close(fd)
@@ -82,9 +82,9 @@ def test_a_retrain_past_its_max_time_is_ended_recorded_as_failed_and_frees_the_l
 
 
 def test_a_retrain_within_its_max_time_ends_normally(
-    store: ModelRegistry, settings: Settings, prediction_log: PredictionLog
+    store: ModelRegistry, settings: Settings, storage: Repositories
 ) -> None:
-    job_id, code, _ = _run_job(settings, prediction_log, max_seconds=600)
+    job_id, code, _ = _run_job(settings, storage, max_seconds=600)
     assert code == 0
-    record = prediction_log.jobs(job_id=job_id)[0]
-    assert record["status"] == "succeeded" and record["outcome"] == "skipped_no_new_labels"
+    record = storage.jobs.get(job_id)
+    assert record is not None and record.status == "succeeded" and record.outcome == "skipped_no_new_labels"

@@ -9,10 +9,11 @@ from typing import Any, ClassVar
 import pytest
 
 from app.migrations import upgrade
-from app.monitoring.prediction_log import PredictionLog
 from app.retrain import launcher as launcher_module
 from app.retrain.launcher import RetrainLauncher, job_environment
 from app.settings import Settings
+from app.storage.database import Database
+from app.storage.retrain_jobs import RetrainJobRepository
 
 SECRETS = {
     "webhook_token": "s-webhook-token",
@@ -83,13 +84,14 @@ def test_a_started_retrain_process_gets_no_secret(tmp_path: Path, monkeypatch: p
     launcher_module.idle_priority()  # cached: probes chrt with the real Popen before it is replaced
     monkeypatch.setattr(launcher_module.subprocess, "Popen", _Recorded)
     _Recorded.calls = []
-    predictions = PredictionLog(settings.prediction_log_url)
+    database = Database(settings.prediction_log_url)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.prediction_log_url)
     try:
-        launch = RetrainLauncher(settings.model_store, predictions, 0.0, settings.as_env()).start("manual", "test")
+        jobs = RetrainJobRepository(database)
+        launch = RetrainLauncher(settings.model_store, jobs, 0.0, settings.as_env()).start("manual", "test")
     finally:
-        predictions.dispose()
+        database.dispose()
 
     assert launch.action == "retrain_started"
     (call,) = _Recorded.calls

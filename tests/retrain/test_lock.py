@@ -15,12 +15,12 @@ from typing import Any, ClassVar
 import pytest
 
 from app.migrations import upgrade
-from app.monitoring.prediction_log import PredictionLog
 from app.retrain import job
 from app.retrain import launcher as launcher_module
 from app.retrain.launcher import RetrainLauncher
 from app.retrain.lock import AdvisoryRetrainLock, FileRetrainLock, RetrainLock
 from app.settings import REPO_ROOT, Settings
+from app.storage.repositories import Repositories
 from tests.postgres import postgres, postgres_url  # noqa: F401  fixtures
 
 pytestmark = pytest.mark.integration
@@ -120,8 +120,8 @@ def test_twenty_concurrent_starts_on_two_instances_record_exactly_one_running_jo
 ) -> None:
     """20 threads over two launchers (two instances, each its own pool) start one retrain; the unique index
     on running jobs decides, not a process: the others answer already_running."""
-    logs = [PredictionLog(database), PredictionLog(database)]
-    instances = [RetrainLauncher(tmp_path / f"store-{i}", log, 0.0) for i, log in enumerate(logs)]
+    logs = [Repositories.connect(database), Repositories.connect(database)]
+    instances = [RetrainLauncher(tmp_path / f"store-{i}", log.jobs, 0.0) for i, log in enumerate(logs)]
     barrier = Barrier(20)
 
     def start(i: int) -> str:
@@ -131,27 +131,27 @@ def test_twenty_concurrent_starts_on_two_instances_record_exactly_one_running_jo
     try:
         with ThreadPoolExecutor(20) as pool:
             actions = list(pool.map(start, range(20)))
-        jobs = logs[0].jobs()
+        jobs = logs[0].jobs.recent()
     finally:
         for log in logs:
             log.dispose()
     assert actions.count("retrain_started") == 1, actions
     assert set(actions) == {"retrain_started", "already_running"}, actions
-    assert [j["status"] for j in jobs] == ["running"] and len(spawned) == 1
-    assert spawned[0][-3] == jobs[0]["id"]
+    assert [j.status for j in jobs] == ["running"] and len(spawned) == 1
+    assert spawned[0][-3] == jobs[0].id
 
 
 def test_the_cooldown_is_read_from_the_jobs_table(tmp_path: Path, database: str, spawned: list[list[str]]) -> None:
     """A job that ended within the cooldown holds the next start off (with the time left); one older does not."""
-    log = PredictionLog(database)
-    launcher = RetrainLauncher(tmp_path, log, 3600.0)
+    log = Repositories.connect(database)
+    launcher = RetrainLauncher(tmp_path, log.jobs, 3600.0)
     try:
-        log.create_job("recent", "manual", "test", time.time() - 600)
-        log.finish_job("recent", "succeeded", "rejected", {})
+        log.jobs.create_job("recent", "manual", "test", time.time() - 600)
+        log.jobs.finish_job("recent", "succeeded", "rejected", {})
         launch = launcher.start("manual", "test")
         assert launch.action == "cooldown" and launch.retry_after_seconds == pytest.approx(3000, abs=5)
         assert spawned == []
-        assert RetrainLauncher(tmp_path, log, 300.0).start("manual", "test").action == "retrain_started"
+        assert RetrainLauncher(tmp_path, log.jobs, 300.0).start("manual", "test").action == "retrain_started"
         assert len(spawned) == 1
     finally:
         log.dispose()
@@ -160,10 +160,10 @@ def test_the_cooldown_is_read_from_the_jobs_table(tmp_path: Path, database: str,
 def test_a_job_finding_the_lock_held_records_it_and_exits_without_retraining(tmp_path: Path, database: str) -> None:
     """On PostgreSQL the retrain process takes the lock itself: while another holds it, its job is recorded
     failed (reason lock_held) and it exits 3."""
-    log = PredictionLog(database)
+    log = Repositories.connect(database)
     holder = AdvisoryRetrainLock(database)
     try:
-        log.create_job("late", "manual", "test")
+        log.jobs.create_job("late", "manual", "test")
         assert holder.try_acquire()
         settings = Settings(model_store=tmp_path / "store", state_dir=tmp_path / "var", database_url=database)
         env = {**os.environ, **settings.as_env()}
@@ -176,8 +176,8 @@ def test_a_job_finding_the_lock_held_records_it_and_exits_without_retraining(tmp
             timeout=120,
         )
         assert done.returncode == job.LOCK_HELD_EXIT_CODE, done.stderr
-        (record,) = log.jobs(job_id="late")
-        assert record["status"] == "failed" and record["details"]["reason"] == "lock_held"
+        record = log.jobs.get("late")
+        assert record is not None and record.status == "failed" and record.details["reason"] == "lock_held"
     finally:
         holder.dispose()
         log.dispose()
@@ -185,8 +185,8 @@ def test_a_job_finding_the_lock_held_records_it_and_exits_without_retraining(tmp
 
 def test_in_progress_reads_the_advisory_lock(tmp_path: Path, database: str) -> None:
     """sentiment_retrain_in_progress: 1 while some session holds the lock (answer reused for a second)."""
-    log = PredictionLog(database)
-    launcher = RetrainLauncher(tmp_path, log, 0.0)
+    log = Repositories.connect(database)
+    launcher = RetrainLauncher(tmp_path, log.jobs, 0.0)
     holder = AdvisoryRetrainLock(database)
     try:
         assert launcher.in_progress() is False

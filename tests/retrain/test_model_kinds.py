@@ -14,10 +14,10 @@ from app.ml.inference import TOLERANCE
 from app.ml.registry import ModelRegistry
 from app.ml.train import train_and_register
 from app.monitoring.drift import DriftDetector
-from app.monitoring.prediction_log import PredictionLog
 from app.retrain.job import retrain
 from app.serving.models import ModelManager
 from app.settings import Settings
+from app.storage.repositories import Repositories
 from tests.conftest import SMALL_PARAMS
 from tests.retrain.conftest import add_feedback
 from tests.traffic import log_predictions
@@ -42,7 +42,7 @@ def store(tmp_path: Path, words_store: Path) -> ModelRegistry:
 
 
 def test_a_words_only_model_trains_serves_and_is_monitored(
-    store: ModelRegistry, tweets: Corpus, prediction_log: PredictionLog
+    store: ModelRegistry, tweets: Corpus, storage: Repositories
 ) -> None:
     loaded = store.load_current()
     assert loaded is not None and loaded.model.kind == WORDS_ONLY
@@ -57,15 +57,15 @@ def test_a_words_only_model_trains_serves_and_is_monitored(
 
     reference = load_reference(loaded)
     detector = DriftDetector(loaded.version, loaded.model, reference, p_value=0.05, permutations=100, window_size=200)
-    window = log_predictions(prediction_log, loaded.model, loaded.version, tweets.texts[:200])
-    result = detector.check(window)
+    log_predictions(storage.predictions, loaded.model, loaded.version, tweets.texts[:200])
+    result = detector.check(storage.predictions.window(200, loaded.version))
     assert result.drift and "mmd" in result.details["tests_rejecting"], result  # tweets are not film reviews
 
 
 def test_a_retrain_keeps_the_words_only_kind(
-    store: ModelRegistry, settings: Settings, prediction_log: PredictionLog, tweets: Corpus
+    store: ModelRegistry, settings: Settings, storage: Repositories, tweets: Corpus
 ) -> None:
-    add_feedback(prediction_log, store, tweets, 0, 1500)
+    add_feedback(storage.predictions, store, tweets, 0, 1500)
     result = retrain(settings.model_copy(update={"retrain_promotion_margin": 1.0}), "job-1", "manual")
     assert result.candidate_version is not None, result
     candidate = store.load(result.candidate_version)

@@ -20,10 +20,11 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.migrations import upgrade
-from app.monitoring.prediction_log import PredictionLog
 from app.retrain import launcher as launcher_module
 from app.retrain.launcher import RetrainLauncher
 from app.settings import REPO_ROOT, Settings
+from app.storage.database import Database
+from app.storage.retrain_jobs import RetrainJob, RetrainJobRepository
 from tests.conftest import ADMIN_TOKEN, WEBHOOK_TOKEN
 from tests.postgres import postgres, postgres_url  # noqa: F401  fixtures
 
@@ -47,14 +48,14 @@ def queue_settings(request: pytest.FixtureRequest, settings: Settings) -> Settin
 
 
 @pytest.fixture
-def predictions(queue_settings: Settings) -> Iterator[PredictionLog]:
-    log = PredictionLog.from_settings(queue_settings)
-    yield log
-    log.dispose()
+def jobs(queue_settings: Settings) -> Iterator[RetrainJobRepository]:
+    database = Database.from_settings(queue_settings)
+    yield RetrainJobRepository(database)
+    database.dispose()
 
 
-def queue(settings: Settings, predictions: PredictionLog) -> str:
-    launcher = RetrainLauncher(settings.model_store, predictions, 0, settings.as_env(), mode="queue")
+def queue(settings: Settings, jobs: RetrainJobRepository) -> str:
+    launcher = RetrainLauncher(settings.model_store, jobs, 0, settings.as_env(), mode="queue")
     launch = launcher.start("manual", "test")
     assert launch.action == "queued" and launch.job_id, launch
     return launch.job_id
@@ -70,14 +71,15 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "con
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def job(predictions: PredictionLog, job_id: str) -> dict[str, Any]:
-    (row,) = predictions.jobs(job_id=job_id)
+def job(jobs: RetrainJobRepository, job_id: str) -> RetrainJob:
+    row = jobs.get(job_id)
+    assert row is not None
     return row
 
 
-def reaches(predictions: PredictionLog, job_id: str, status: str, timeout: float = 90) -> dict[str, Any]:
+def reaches(jobs: RetrainJobRepository, job_id: str, status: str, timeout: float = 90) -> RetrainJob:
     """The job's row once it has ``status``."""
-    found = wait_for(lambda: [r for r in predictions.jobs(job_id=job_id) if r["status"] == status], timeout, status)
+    found = wait_for(lambda: [r for r in [jobs.get(job_id)] if r is not None and r.status == status], timeout, status)
     return found[0]  # type: ignore[no-any-return]
 
 
@@ -144,7 +146,7 @@ def workers() -> Iterator[list[Worker]]:
 
 
 def test_queue_mode_requests_queue_one_job_and_spawn_nothing(
-    queue_settings: Settings, predictions: PredictionLog, monkeypatch: pytest.MonkeyPatch
+    queue_settings: Settings, jobs: RetrainJobRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """POST /v1/retrain and a webhook answer 202 ``queued`` / ``already_queued``; /v1/retrain/jobs lists the
     queued job; no process is started; the cooldown counts a queued job."""
@@ -158,43 +160,43 @@ def test_queue_mode_requests_queue_one_job_and_spawn_nothing(
         again = client.post("/v1/webhooks/alertmanager", json=alert, headers=HOOK)
         assert again.status_code == 202
         assert again.json()["status"] == "already_queued" and again.json()["job_id"] == first.json()["job_id"]
-        jobs = client.get("/v1/retrain/jobs", headers=ADMIN).json()  # reconciles: a queued job is not dead
-        assert [(j["id"], j["status"], j["outcome"]) for j in jobs] == [(first.json()["job_id"], "queued", None)]
+        listed = client.get("/v1/retrain/jobs", headers=ADMIN).json()  # reconciles: a queued job is not dead
+        assert [(j["id"], j["status"], j["outcome"]) for j in listed] == [(first.json()["job_id"], "queued", None)]
     assert spawned == []
     # The cooldown is read from every job, queued ones included.
-    cooling = RetrainLauncher(queue_settings.model_store, predictions, 3600, mode="queue")
-    predictions.finish_job(first.json()["job_id"], "succeeded", "skipped_no_new_labels", {})
+    cooling = RetrainLauncher(queue_settings.model_store, jobs, 3600, mode="queue")
+    jobs.finish_job(first.json()["job_id"], "succeeded", "skipped_no_new_labels", {})
     cooled = cooling.start("manual", "test")
     assert cooled.action == "cooldown" and cooled.retry_after_seconds is not None and cooled.retry_after_seconds > 3500
 
 
 def test_a_worker_claims_a_queued_job_and_runs_it_in_a_child_process(
-    queue_settings: Settings, predictions: PredictionLog, workers: list[Worker]
+    queue_settings: Settings, jobs: RetrainJobRepository, workers: list[Worker]
 ) -> None:
     """The worker claims the job (``running``, logged with the retrain's pid), the retrain records its outcome,
     and SIGTERM stops the idle worker at once."""
-    job_id = queue(queue_settings, predictions)
+    job_id = queue(queue_settings, jobs)
     worker = Worker(queue_settings)
     workers.append(worker)
     claimed = worker.wait_logged("retrain_worker_claimed", job_id=job_id)
     assert claimed["trigger"] == "manual" and claimed["retrain_pid"] != worker.process.pid
-    assert reaches(predictions, job_id, "succeeded")["outcome"] == "skipped_no_new_labels"
+    assert reaches(jobs, job_id, "succeeded").outcome == "skipped_no_new_labels"
     worker.wait_logged("retrain_worker_job_ended", job_id=job_id, exit_code=0)
     assert worker.stop() == 0
     assert worker.logged("retrain_worker_stopped")
 
 
 def test_two_workers_run_one_retrain_at_a_time_and_each_job_once(
-    queue_settings: Settings, predictions: PredictionLog, workers: list[Worker]
+    queue_settings: Settings, jobs: RetrainJobRepository, workers: list[Worker]
 ) -> None:
     """A job queued while another runs waits for it: the second retrain starts after the first ended, and
     each job is claimed by exactly one of the two workers."""
     workers.extend([Worker(queue_settings), Worker(queue_settings)])
-    first = queue(queue_settings, predictions)
-    reaches(predictions, first, "running", 30)
-    second = queue(queue_settings, predictions)
-    a, b = reaches(predictions, first, "succeeded"), reaches(predictions, second, "succeeded")
-    assert b["started_at"] >= a["finished_at"]
+    first = queue(queue_settings, jobs)
+    reaches(jobs, first, "running", 30)
+    second = queue(queue_settings, jobs)
+    a, b = reaches(jobs, first, "succeeded"), reaches(jobs, second, "succeeded")
+    assert a.finished_at is not None and b.started_at >= a.finished_at
     for worker in workers:
         assert worker.stop() == 0
     for job_id in (first, second):
@@ -202,36 +204,36 @@ def test_two_workers_run_one_retrain_at_a_time_and_each_job_once(
 
 
 def test_a_killed_retrain_fails_its_job_and_the_worker_runs_the_next_one(
-    queue_settings: Settings, predictions: PredictionLog, workers: list[Worker]
+    queue_settings: Settings, jobs: RetrainJobRepository, workers: list[Worker]
 ) -> None:
     """SIGKILL of the retrain process: its job is recorded failed (its exit status), the worker lives on and
     runs the job queued next."""
     worker = Worker(queue_settings)
     workers.append(worker)
-    killed = queue(queue_settings, predictions)
+    killed = queue(queue_settings, jobs)
     retrain_pid = worker.wait_logged("retrain_worker_claimed", job_id=killed)["retrain_pid"]
-    following = queue(queue_settings, predictions)
+    following = queue(queue_settings, jobs)
     os.kill(retrain_pid, signal.SIGKILL)
-    assert reaches(predictions, killed, "failed", 30)["details"] == {"error": "retrain process exited -9"}
-    assert reaches(predictions, following, "succeeded")["outcome"] == "skipped_no_new_labels"
+    assert reaches(jobs, killed, "failed", 30).details == {"error": "retrain process exited -9"}
+    assert reaches(jobs, following, "succeeded").outcome == "skipped_no_new_labels"
     assert worker.process.poll() is None
     assert worker.stop() == 0
 
 
 def test_a_worker_stopped_mid_retrain_hands_its_job_back_to_the_next_worker(
-    queue_settings: Settings, predictions: PredictionLog, workers: list[Worker]
+    queue_settings: Settings, jobs: RetrainJobRepository, workers: list[Worker]
 ) -> None:
     """SIGTERM with no time to finish (stop seconds 0): the retrain is ended, its job queued again, and another
     worker runs it to its outcome."""
     stopping = Worker(queue_settings, SENTIMENT_RETRAIN_WORKER_STOP_SECONDS="0")
     workers.append(stopping)
-    job_id = queue(queue_settings, predictions)
+    job_id = queue(queue_settings, jobs)
     stopping.wait_logged("retrain_worker_claimed", job_id=job_id)
     assert stopping.stop() == 0
     assert stopping.logged("retrain_worker_handed_back", job_id=job_id, requeued=True)
-    assert job(predictions, job_id)["status"] == "queued"
+    assert job(jobs, job_id).status == "queued"
     successor = Worker(queue_settings)
     workers.append(successor)
     successor.wait_logged("retrain_worker_claimed", job_id=job_id)
-    assert reaches(predictions, job_id, "succeeded")["outcome"] == "skipped_no_new_labels"
+    assert reaches(jobs, job_id, "succeeded").outcome == "skipped_no_new_labels"
     assert successor.stop() == 0

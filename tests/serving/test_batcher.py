@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -97,3 +97,36 @@ def test_requests_for_different_model_versions_are_never_mixed() -> None:
     results, old_calls, new_calls = asyncio.run(scenario())
     assert sum(old_calls) == 2 and sum(new_calls) == 1
     assert [r[0, 1] for r in results] == pytest.approx([0.002, 0.003, 0.001])
+
+
+def test_on_result_runs_for_every_caller_of_a_model_call_before_any_of_them_resumes() -> None:
+    """Each caller's hook sees its own rows in the batch step; a hook that raises fails its caller only."""
+    seen: list[tuple[str, float]] = []
+    resumed_after: list[int] = []
+
+    def hook(name: str) -> Callable[[np.ndarray], None]:
+        def on_result(rows: np.ndarray) -> None:
+            if name == "bad":
+                raise RuntimeError("hook failed")
+            seen.append((name, float(rows[0, 1])))
+
+        return on_result
+
+    async def one(batcher: InferenceBatcher, model: ServedModel, name: str) -> Any:
+        rows = await batcher.predict_proba(model, ["x" * len(name)], hook(name))
+        resumed_after.append(len(seen))
+        return rows
+
+    async def scenario() -> list[Any]:
+        batcher = InferenceBatcher(max_batch=64)
+        batcher.start()
+        model = served(RecordingModel())
+        names = ["a", "bb", "bad", "dddd"]
+        results = await asyncio.gather(*(one(batcher, model, n) for n in names), return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert seen == [("a", 0.001), ("bb", 0.002), ("dddd", 0.004)]
+    assert resumed_after == [3, 3, 3]  # every hook had run before the first caller went on
+    assert isinstance(results[2], RuntimeError) and results[3][0, 1] == pytest.approx(0.004)

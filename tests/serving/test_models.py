@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import subprocess
 import sys
 import threading
 import time
@@ -70,3 +71,30 @@ def test_workers_of_a_host_take_turns_loading(store: ModelRegistry, versions: li
     loader.join(30)
     assert manager.current.version == versions[0]
     assert sys.getswitchinterval() == pytest.approx(0.005)  # restored after the load
+
+
+FROZEN_WORKER = """
+import gc, sys
+from pathlib import Path
+from app.gunicorn_worker import GC_YOUNG_THRESHOLD, freeze_startup_heap
+from app.ml.registry import ModelRegistry
+from app.serving.models import ModelManager
+manager = ModelManager(ModelRegistry(Path(sys.argv[1])), reload_interval=1)
+plain = ModelManager(ModelRegistry(Path(sys.argv[1])), reload_interval=1)
+plain.sync()
+assert gc.get_freeze_count() == 0, "a process that never froze is left alone"
+freeze_startup_heap()
+started = gc.get_freeze_count()
+assert started > 0 and gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+assert manager.sync()
+assert gc.get_freeze_count() > started, "the loaded model joins the frozen objects"
+"""
+
+
+def test_a_worker_that_froze_its_start_up_heap_freezes_each_model_it_loads(store: ModelRegistry) -> None:
+    """In a fresh interpreter (freezing is for the life of a process): models load as before in a process
+    that never froze; in a gunicorn worker the start-up objects and then each loaded model are frozen."""
+    result = subprocess.run(
+        [sys.executable, "-c", FROZEN_WORKER, str(store.root)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

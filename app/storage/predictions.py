@@ -1,0 +1,303 @@
+"""Predictions and their feedback labels: the rolling window the drift monitor reads and retraining learns from.
+
+Each web worker appends its predictions (batched, off the request path, see
+:class:`app.storage.recorder.PredictionRecorder`), the drift monitor reads the latest window, feedback labels
+predictions, and retraining reads the labelled rows.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Integer, delete, func, insert, select, update
+from sqlalchemy.sql.expression import Executable
+
+from app.storage.database import INSERT_IGNORING_DUPLICATES, Repository, predictions
+
+LEGACY_SOURCE = "legacy"
+"""The source name of labels recorded before labels carried one (``label_source`` NULL)."""
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """One stored prediction, with its feedback label once one was sent."""
+
+    id: str
+    created_at: float
+    text: str
+    text_length: int
+    sentiment: str
+    confidence: float
+    p_positive: float
+    model_version: str
+    latency_ms: float
+    label: str | None
+    labelled_at: float | None
+    label_source: str | None  # the name of the feedback token that sent the label
+
+
+@dataclass(frozen=True)
+class WindowRow:
+    """A prediction as the drift tests and the drift reference read it."""
+
+    text: str
+    confidence: float
+    p_positive: float
+    sentiment: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class LabelledRow:
+    """A labelled prediction as retraining reads it."""
+
+    id: str
+    text: str
+    label: str
+    labelled_at: float
+    source: str  # the name of the feedback token that sent the label, LEGACY_SOURCE before labels had one
+
+
+@dataclass(frozen=True)
+class LabelSource:
+    """The labels one feedback token name sent that are still stored."""
+
+    source: str
+    labels: int
+    first_labelled_at: float
+    last_labelled_at: float
+
+
+class LabelOutcome(enum.Enum):
+    """What recording a feedback label did."""
+
+    STORED = "stored"
+    UNCHANGED = "unchanged"  # the same label was already recorded
+    CONFLICT = "conflict"  # a different label was already recorded
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    outcome: LabelOutcome
+    sentiment: str | None = None  # what the model predicted
+    label: str | None = None  # the label on record after the call
+
+
+class PredictionRepository(Repository):
+    """The ``predictions`` table; every method is blocking and safe to call from several processes.
+
+    Rows are written as mappings of the table's columns (``id`` to ``latency_ms``): the shape the recorder
+    buffers and spools as JSON.
+    """
+
+    def insert_predictions(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert rows, skipping any whose id is already there: writing a batch twice (after a commit
+        whose outcome was unknown, or a dead worker's spool) is harmless."""
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(self._insert_new_predictions(), list(rows))
+
+    def _insert_new_predictions(self) -> Executable:
+        dialect = INSERT_IGNORING_DUPLICATES.get(self.engine.dialect.name)
+        if dialect is None:  # another database: plain inserts, a duplicate fails its row alone
+            return insert(predictions)
+        return dialect(predictions).on_conflict_do_nothing(index_elements=[predictions.c.id])
+
+    def get_prediction(self, prediction_id: str) -> PredictionRow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(predictions).where(predictions.c.id == prediction_id)).mappings().first()
+        return PredictionRow(**row) if row else None
+
+    def set_label(
+        self, prediction_id: str, label: str, now: float | None = None, *, source: str = "default"
+    ) -> LabelResult:
+        """Record the true label of a prediction, sent by the feedback token named ``source``: idempotent
+        for the same label (the first sender stays on record), refused for another."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(predictions.c.sentiment, predictions.c.label).where(predictions.c.id == prediction_id)
+            ).first()
+            if row is None:
+                return LabelResult(LabelOutcome.NOT_FOUND)
+            if row.label is not None:
+                outcome = LabelOutcome.UNCHANGED if row.label == label else LabelOutcome.CONFLICT
+                return LabelResult(outcome, row.sentiment, row.label)
+            # The WHERE on label IS NULL makes a concurrent second labelling a no-op, never an overwrite.
+            done = conn.execute(
+                update(predictions)
+                .where(predictions.c.id == prediction_id, predictions.c.label.is_(None))
+                .values(label=label, labelled_at=now or time.time(), label_source=source)
+            )
+            if done.rowcount == 0:
+                current = conn.execute(select(predictions.c.label).where(predictions.c.id == prediction_id)).scalar()
+                outcome = LabelOutcome.UNCHANGED if current == label else LabelOutcome.CONFLICT
+                return LabelResult(outcome, row.sentiment, current)
+        return LabelResult(LabelOutcome.STORED, row.sentiment, label)
+
+    def live_accuracy(self, last: int) -> tuple[float | None, int]:
+        """Accuracy over the ``last`` most recently labelled predictions, and how many there were."""
+        recent = (
+            select(predictions.c.sentiment, predictions.c.label)
+            .where(predictions.c.label.is_not(None))
+            .order_by(predictions.c.labelled_at.desc())
+            .limit(last)
+            .subquery()
+        )
+        with self.engine.connect() as conn:
+            total, correct = conn.execute(
+                select(func.count(), func.sum((recent.c.sentiment == recent.c.label).cast(Integer)))
+            ).one()
+        return (correct / total if total else None), int(total)
+
+    def window(self, size: int, model_version: str, since: float | None = None) -> list[WindowRow]:
+        """The latest ``size`` predictions of ``model_version`` (made after ``since``, if given), oldest first."""
+        query = (
+            select(
+                predictions.c.text,
+                predictions.c.confidence,
+                predictions.c.p_positive,
+                predictions.c.sentiment,
+                predictions.c.created_at,
+            )
+            .where(predictions.c.model_version == model_version)
+            .order_by(predictions.c.created_at.desc())
+            .limit(size)
+        )
+        if since is not None:
+            query = query.where(predictions.c.created_at > since)
+        with self.engine.connect() as conn:
+            rows = [WindowRow(**r) for r in conn.execute(query).mappings()]
+        rows.reverse()
+        return rows
+
+    def version_accuracy(
+        self, model_version: str, last: int | None = None, *, since: float | None = None, before: float | None = None
+    ) -> tuple[int, int]:
+        """(right, labelled) over the labelled predictions of ``model_version`` made after ``since`` and before
+        ``before`` when given, the ``last`` most recent of them if given: its realised accuracy on feedback."""
+        query = select(predictions.c.sentiment, predictions.c.label).where(
+            predictions.c.model_version == model_version, predictions.c.label.is_not(None)
+        )
+        if since is not None:
+            query = query.where(predictions.c.created_at > since)
+        if before is not None:
+            query = query.where(predictions.c.created_at < before)
+        recent = query.order_by(predictions.c.created_at.desc()).limit(last).subquery()
+        with self.engine.connect() as conn:
+            total, right = conn.execute(
+                select(func.count(), func.sum((recent.c.sentiment == recent.c.label).cast(Integer)))
+            ).one()
+        return int(right or 0), int(total)
+
+    def count_predictions(self, model_version: str | None = None, since: float | None = None) -> int:
+        query = select(func.count()).select_from(predictions)
+        if model_version is not None:
+            query = query.where(predictions.c.model_version == model_version)
+        if since is not None:
+            query = query.where(predictions.c.created_at > since)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def labelled(self, since: float | None = None) -> list[LabelledRow]:
+        """Every labelled prediction (id, text, label, labelled_at, source: the name of the feedback token
+        that sent the label, :data:`LEGACY_SOURCE` for labels older than that record), oldest label first."""
+        source = func.coalesce(predictions.c.label_source, LEGACY_SOURCE).label("source")
+        query = select(
+            predictions.c.id, predictions.c.text, predictions.c.label, predictions.c.labelled_at, source
+        ).where(predictions.c.label.is_not(None))
+        if since is not None:
+            query = query.where(predictions.c.labelled_at > since)
+        with self.engine.connect() as conn:
+            return [LabelledRow(**r) for r in conn.execute(query.order_by(predictions.c.labelled_at)).mappings()]
+
+    def label_sources(self) -> list[LabelSource]:
+        """Per feedback token name: how many labels it sent that the log holds, and the first and last time."""
+        source = func.coalesce(predictions.c.label_source, LEGACY_SOURCE)
+        query = (
+            select(
+                source.label("source"),
+                func.count().label("labels"),
+                func.min(predictions.c.labelled_at).label("first_labelled_at"),
+                func.max(predictions.c.labelled_at).label("last_labelled_at"),
+            )
+            .where(predictions.c.label.is_not(None))
+            .group_by(source)
+            .order_by(source)
+        )
+        with self.engine.connect() as conn:
+            return [LabelSource(**r) for r in conn.execute(query).mappings()]
+
+    def purge_labels(self, source: str) -> int:
+        """Forget every label the feedback token named ``source`` sent (label, time and source become NULL;
+        the predictions stay, as unlabelled rows) and return how many. ``legacy`` purges the labels recorded
+        before labels carried their source."""
+        column = predictions.c.label_source
+        sent_by = column.is_(None) if source == LEGACY_SOURCE else column == source
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(predictions)
+                .where(predictions.c.label.is_not(None), sent_by)
+                .values(label=None, labelled_at=None, label_source=None)
+            )
+        return int(done.rowcount)
+
+    def enforce_retention(
+        self,
+        max_rows: int,
+        max_age_seconds: float,
+        now: float | None = None,
+        *,
+        max_labelled_rows: int | None = None,
+        max_labelled_age_seconds: float | None = None,
+    ) -> int:
+        """Delete unlabelled predictions older than the age limit or beyond the newest ``max_rows``, and
+        labelled ones (the next retrain's training data, so bounded apart and more generously) whose label is
+        older than ``max_labelled_age_seconds`` or beyond the newest ``max_labelled_rows`` labels; ``None``:
+        no such bound. Returns how many rows went.
+        """
+        now = now or time.time()
+        unlabelled = predictions.c.label.is_(None)
+        deleted = self._enforce_labelled_retention(max_labelled_rows, max_labelled_age_seconds, now)
+        with self.engine.begin() as conn:
+            deleted += conn.execute(
+                delete(predictions).where(unlabelled, predictions.c.created_at < now - max_age_seconds)
+            ).rowcount
+            cutoff = conn.execute(
+                select(predictions.c.created_at)
+                .where(unlabelled)
+                .order_by(predictions.c.created_at.desc())
+                .offset(max_rows)
+                .limit(1)
+            ).scalar()
+            if cutoff is not None:
+                deleted += conn.execute(
+                    delete(predictions).where(unlabelled, predictions.c.created_at <= cutoff)
+                ).rowcount
+        return int(deleted)
+
+    def _enforce_labelled_retention(self, max_rows: int | None, max_age_seconds: float | None, now: float) -> int:
+        labelled = predictions.c.label.is_not(None)
+        deleted = 0
+        with self.engine.begin() as conn:
+            if max_age_seconds is not None:
+                deleted += conn.execute(
+                    delete(predictions).where(labelled, predictions.c.labelled_at < now - max_age_seconds)
+                ).rowcount
+            if max_rows is not None:
+                cutoff = conn.execute(
+                    select(predictions.c.labelled_at)
+                    .where(labelled)
+                    .order_by(predictions.c.labelled_at.desc())
+                    .offset(max_rows)
+                    .limit(1)
+                ).scalar()
+                if cutoff is not None:
+                    deleted += conn.execute(
+                        delete(predictions).where(labelled, predictions.c.labelled_at <= cutoff)
+                    ).rowcount
+        return int(deleted)
