@@ -3,7 +3,8 @@
 1. Overhead: wrk (-t2 -c32, one text per request) against the service with metrics, prediction log and
    drift monitor on (the supervised service, as ``scripts/serve`` runs it) and with all of it off
    (``SENTIMENT_MONITORING_ENABLED=false``, plain gunicorn), alternating three times; medians. Goal: on
-   >= 90 % of off.
+   >= 95 % of off. Meanwhile the resident memory of every process of the service (supervisor, gunicorn
+   master and workers, drift monitor) is sampled every 0.5 s. Goal: the sum stays <= 1 GB.
 2. p99 latency at a fixed moderate load (open loop, 100 req/s) while drift checks run back to back (every
    prediction, no minimum gap, no CPU budget) vs while the monitor is idle. Goal: <= 1.5x.
 3. Detection delay: in-domain traffic at 50 req/s, then clothing reviews at 50 req/s; time from the
@@ -20,7 +21,10 @@ import asyncio
 import json
 import random
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ import numpy as np
 from app.ml.data import load_clothing
 from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
 from app.settings import Settings
-from bench.serving import CONNECTIONS, RESULTS, wrk
+from bench.serving import CONNECTIONS, RESULTS, rss_mb, wrk
 from tests.integration.services import Service, start_service, wait_for
 
 THROUGHPUT_ROUNDS = 3
@@ -84,6 +88,57 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+def process_tree(root: int) -> dict[int, str]:
+    """``root`` and every process below it, pid -> command name (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        name_end = stat.rindex(")")
+        names[int(entry.name)] = stat[stat.index("(") + 1 : name_end]
+        parents.setdefault(int(stat[name_end + 2 :].split()[1]), []).append(int(entry.name))
+    found, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in names:
+            found[pid] = names[pid]
+            todo.extend(parents.get(pid, []))
+    return found
+
+
+@contextmanager
+def tree_memory(root: int, every: float = 0.5) -> Iterator[dict[str, Any]]:
+    """Sample the resident memory of ``root``'s whole process tree every ``every`` seconds while the block runs;
+    yields a dict that holds, afterwards, the peak of the tree's total and each process's peak."""
+    peaks: dict[str, Any] = {"tree_peak_rss_mb": 0.0, "process_peak_rss_mb": {}}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every):
+            sizes = {}
+            for pid, name in process_tree(root).items():
+                try:
+                    sizes[f"{name}[{pid}]"] = rss_mb(pid)
+                except OSError:
+                    continue
+            peaks["tree_peak_rss_mb"] = max(peaks["tree_peak_rss_mb"], sum(sizes.values()))
+            for key, mb in sizes.items():
+                peaks["process_peak_rss_mb"][key] = max(peaks["process_peak_rss_mb"].get(key, 0.0), mb)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        sampler.join()
+
+
 def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: int) -> dict[str, Any]:
     """Part 1: everything off, then everything on, alternating THROUGHPUT_ROUNDS times (the machine is shared
     and noisy: single 15 s runs of "off" ranged 4,191-4,639 req/s)."""
@@ -91,21 +146,27 @@ def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: in
     for _ in range(THROUGHPUT_ROUNDS):
         off = start_service(store, tmp / "off.log", SENTIMENT_MONITORING_ENABLED="false")
         try:
-            offs.append(wrk(off.url, "bench/predict.lua", seconds, CONNECTIONS, env))
+            with tree_memory(off.process.pid) as memory:
+                offs.append(wrk(off.url, "bench/predict.lua", seconds, CONNECTIONS, env))
+            offs[-1].update(memory)
         finally:
             off.stop()
         on = start_service(store, tmp / "on.log", supervised=True)
         try:
             wait_for_monitor(on)  # steady state: not the monitor's one-off torch import competing with wrk
-            ons.append(wrk(on.url, "bench/predict.lua", seconds, CONNECTIONS, env))
+            with tree_memory(on.process.pid) as memory:
+                ons.append(wrk(on.url, "bench/predict.lua", seconds, CONNECTIONS, env))
+            ons[-1].update(memory)
             checks += sum(1 for e in on.logs() if e.get("event") in {"drift_checked", "drift_detected"})
         finally:
             on.stop()
     off_rate = float(np.median([r["requests_per_s"] for r in offs]))
     on_rate = float(np.median([r["requests_per_s"] for r in ons]))
+    tree_peak = max(r["tree_peak_rss_mb"] for r in ons)
     print(
         f"throughput (median of {THROUGHPUT_ROUNDS} alternating runs) off {off_rate:.0f} req/s, on "
-        f"{on_rate:.0f} req/s = {on_rate / off_rate:.1%} ({checks} drift checks ran meanwhile)",
+        f"{on_rate:.0f} req/s = {on_rate / off_rate:.1%} ({checks} drift checks ran meanwhile); every process "
+        f"of the service with monitoring on peaked at {tree_peak:.0f} MB in all",
         flush=True,
     )
     return {
@@ -113,6 +174,8 @@ def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: in
         "throughput_on": ons,
         "drift_checks_during_load": checks,
         "throughput_on_vs_off": on_rate / off_rate,
+        "service_tree_peak_rss_mb_on": tree_peak,
+        "service_tree_peak_rss_mb_off": max(r["tree_peak_rss_mb"] for r in offs),
     }
 
 

@@ -95,6 +95,24 @@ UNMATCHED = "other"
 IDLE_LEAVES = (("/concurrent/futures/thread.py", "_worker"), ("/threading.py", "Condition.wait"))
 
 
+def http_scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The ASGI scope of one ``POST`` to the predict route from a loopback client."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": ROUTE_PATH,
+        "raw_path": ROUTE_PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -167,21 +185,7 @@ def asgi_call(app: Any) -> Callable[[], Awaitable[None]]:
         return None
 
     def call() -> Awaitable[None]:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": ROUTE_PATH,
-            "raw_path": ROUTE_PATH.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": list(headers),
-            "client": ("127.0.0.1", 50000),
-            "server": ("127.0.0.1", 8000),
-        }
-        return app(scope, receive, send)  # type: ignore[no-any-return]
+        return app(http_scope(list(headers)), receive, send)  # type: ignore[no-any-return]
 
     return call
 
@@ -439,22 +443,8 @@ def whole_app(args: argparse.Namespace, tmp: Path, texts: list[str]) -> dict[str
                 if message["type"] == "http.response.start" and message["status"] != 200:
                     raise RuntimeError(f"status {message['status']}")
 
-            scope = {
-                "type": "http",
-                "asgi": {"version": "3.0"},
-                "http_version": "1.1",
-                "method": "POST",
-                "scheme": "http",
-                "path": ROUTE_PATH,
-                "raw_path": ROUTE_PATH.encode(),
-                "query_string": b"",
-                "root_path": "",
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                "client": ("127.0.0.1", 50000),
-                "server": ("127.0.0.1", 8000),
-                "state": {},
-            }
-            await app(scope, receive, send)
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await app({**http_scope(headers), "state": {}}, receive, send)
 
         async with app.router.lifespan_context(app):
             for i in range(200):  # warm: first requests, first flushes

@@ -191,20 +191,8 @@ class RetrainLauncher:
             # Nobody else holds the lock: a job still marked running has died (on PostgreSQL, once its
             # process had time to take the lock).
             self.jobs.fail_running_jobs(DIED_UNREPORTED, started_before=self._stale_before(now))
-            job_id = uuid.uuid4().hex
-            try:
-                created = self.jobs.create_job(
-                    job_id,
-                    trigger,
-                    reason,
-                    now,
-                    alerts,
-                    unless_started_after=now - self.cooldown_seconds,
-                    details=dict(details or {}),
-                )
-            except IntegrityError:  # another request recorded the running job first
-                created = False
-            if not created:
+            job_id = self._record(trigger, reason, now, alerts, details, status="running")
+            if job_id is None:  # cooling down, or another request recorded the running job first
                 return self._not_started(now)
             process = spawn_job(job_id, trigger, self.job_env, lock)
         finally:
@@ -220,6 +208,24 @@ class RetrainLauncher:
     ) -> Launch:
         """Queue mode: record the job as ``queued``; a retrain worker runs it. Nothing is spawned here."""
         now = time.time()
+        job_id = self._record(trigger, reason, now, alerts, details, status="queued")
+        if job_id is None:  # cooling down, or another request queued the waiting job first
+            return self._not_started(now)
+        log.info("retrain_queued", job_id=job_id, trigger=trigger)
+        return Launch("queued", job_id)
+
+    def _record(
+        self,
+        trigger: str,
+        reason: str,
+        now: float,
+        alerts: Sequence[str],
+        details: Mapping[str, Any] | None,
+        *,
+        status: str,
+    ) -> str | None:
+        """Record a new job in ``status`` unless one started within the cooldown or one in ``status`` exists
+        (the database's unique index decides between concurrent requests); its id, or None."""
         job_id = uuid.uuid4().hex
         try:
             created = self.jobs.create_job(
@@ -229,15 +235,12 @@ class RetrainLauncher:
                 now,
                 alerts,
                 unless_started_after=now - self.cooldown_seconds,
-                status="queued",
+                status=status,
                 details=dict(details or {}),
             )
-        except IntegrityError:  # another request queued the waiting job first
+        except IntegrityError:
             created = False
-        if not created:
-            return self._not_started(now)
-        log.info("retrain_queued", job_id=job_id, trigger=trigger)
-        return Launch("queued", job_id)
+        return job_id if created else None
 
     def _reap(self, process: subprocess.Popen[bytes], job_id: str) -> None:
         code = process.wait()
