@@ -9,6 +9,8 @@
    prediction, no minimum gap, no CPU budget) vs while the monitor is idle. Goal: <= 1.5x.
 3. Detection delay: in-domain traffic at 50 req/s, then clothing reviews at 50 req/s; time from the
    switch until ``sentiment_drift_detected`` is 1 on /metrics (default settings: window 500). Goal: <= 60 s.
+4. The naive baseline: the same model behind ``bench/naive_app.py`` (one uvicorn process, one
+   ``predict_proba`` per request) under part 1's wrk load. Goal: the service with monitoring on >= 10x.
 
 Usage: ``.venv/bin/python -m bench.monitoring [--seconds 15]``; writes ``bench/results/monitoring.json``.
 ``--parts 3`` runs the detection delay alone and only prints it (the results file keeps whole runs).
@@ -19,7 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,7 +41,8 @@ from app.ml.data import load_clothing
 from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
 from app.settings import Settings
 from bench.serving import CONNECTIONS, RESULTS, rss_mb, wrk
-from tests.integration.services import Service, start_service, wait_for
+from tests.conftest import free_port
+from tests.integration.services import REPO, Service, start_service, wait_for
 
 THROUGHPUT_ROUNDS = 3
 
@@ -179,6 +185,37 @@ def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: in
     }
 
 
+def naive_baseline(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: int) -> dict[str, Any]:
+    """Part 4: the same model behind a naive FastAPI server (``bench/naive_app.py``: one uvicorn process,
+    one ``predict_proba`` per request), under the same wrk load."""
+    port = free_port()
+    with (tmp / "naive.log").open("wb") as log:
+        command = ["uvicorn", "--factory", "bench.naive_app:create_app", "--host", "127.0.0.1", "--port", str(port)]
+        process = subprocess.Popen(
+            [sys.executable, "-m", *command, "--log-level", "warning"],
+            cwd=REPO,
+            env={**os.environ, "SENTIMENT_MODEL_STORE": str(store.root)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(f"{url}/healthz"), 60)
+        result = wrk(url, "bench/predict.lua", seconds, CONNECTIONS, env)
+    finally:
+        process.terminate()
+        process.wait(30)
+    print(f"naive FastAPI server on the same model: {result['requests_per_s']:.0f} req/s", flush=True)
+    return result
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def p99_during_checks(store: ModelRegistry, tmp: Path, in_domain: list[str], seconds: int) -> dict[str, Any]:
     """Part 2: p99 at 100 req/s, monitor idle vs checking back to back (no minimum gap, no CPU budget)."""
     p99: dict[str, Any] = {}
@@ -248,7 +285,7 @@ def detection_delays(store: ModelRegistry, tmp: Path, in_domain: list[str], clot
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=15)
-    parser.add_argument("--parts", default="1,2,3", help="comma-separated parts to run (see the module doc)")
+    parser.add_argument("--parts", default="1,2,3,4", help="comma-separated parts to run (see the module doc)")
     args = parser.parse_args()
     parts = {int(part) for part in args.parts.split(",")}
     store = ModelRegistry(Settings().model_store)
@@ -275,8 +312,14 @@ def main() -> None:
             results["p99_during_drift_checks"] = p99_during_checks(store, tmp, in_domain, args.seconds)
         if 3 in parts:
             results["detection_delay_seconds"] = detection_delays(store, tmp, in_domain, clothing)
+        if 4 in parts:
+            results["naive"] = naive_baseline(store, tmp, env, args.seconds)
+            if "throughput_on" in results:
+                on_rate = float(np.median([r["requests_per_s"] for r in results["throughput_on"]]))
+                results["on_vs_naive"] = on_rate / results["naive"]["requests_per_s"]
+                print(f"service with monitoring on vs naive: {results['on_vs_naive']:.1f}x", flush=True)
 
-    if parts != {1, 2, 3}:
+    if parts != {1, 2, 3, 4}:
         return
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "monitoring.json").write_text(json.dumps(results, indent=2) + "\n")
