@@ -207,8 +207,16 @@ class Settings(BaseSettings):
         0.5,
         gt=0,
         le=1,
-        description="Share of one core drift checks may use: the next check starts no sooner than the last one's "
-        "CPU seconds divided by this after it started (the minimum gap is the larger of the two rules).",
+        description="Share of one core drift checks may use while the host is idle: the next check starts no sooner "
+        "than the last one's CPU seconds divided by the share in force after it started (the minimum gap is the "
+        "larger of the two rules).",
+    )
+    drift_busy_cpu_share: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="Share of one core drift checks may use while the host's CPUs are saturated; between idle and "
+        "saturated the share moves linearly with the host's idle CPU share (averaged over about 10 s).",
     )
     drift_p_value: float = Field(
         0.05, gt=0, lt=1, description="Family-wise significance of the drift verdict (Bonferroni over the drift tests)."

@@ -46,6 +46,7 @@ from app.ml.registry import REFERENCE_ARTIFACT, LoadedModel, ModelRegistry
 from app.monitoring import metrics
 from app.monitoring.drift import DriftDetector, DriftResult, Window
 from app.monitoring.explain import DriftExplanation, TermCounts, count_terms, explain
+from app.monitoring.host import HostIdle
 from app.monitoring.leader import LeaderLock
 from app.monitoring.performance import AccuracyEstimate, estimate_accuracy, reference_estimate
 from app.monitoring.report import estimate_details
@@ -157,6 +158,8 @@ class DriftMonitor:
         self.last_started = 0.0  # time.time() when the last check's tests started
         self.last_check_cpu = 0.0  # CPU seconds the last check took (its tests, estimate, explanation, storing)
         self.cpu_reported = 0.0  # process CPU seconds already added to sentiment_drift_monitor_cpu_seconds_total
+        self.host = HostIdle()
+        self.host_idle = 1.0  # the host's smoothed idle share, sampled every poll
         self.last_seen = 0.0  # created_at of the newest prediction the last check saw
         self.last_retention = 0.0
         self.stopping = threading.Event()
@@ -191,12 +194,18 @@ class DriftMonitor:
             )
         return self.detector
 
+    def cpu_share(self) -> float:
+        """The share of one core checks may use now: ``drift_max_cpu_share`` on an idle host, falling linearly
+        with the host's idle share (:class:`app.monitoring.host.HostIdle`) to ``drift_busy_cpu_share`` on a
+        saturated one, where every cycle the monitor takes is one the web workers lose (never above
+        ``drift_max_cpu_share``, should the busy share be set higher)."""
+        busy, most = self.settings.drift_busy_cpu_share, self.settings.drift_max_cpu_share
+        return min(most, busy + (most - busy) * self.host_idle)
+
     def min_interval(self) -> float:
         """Least time between the starts of two checks: ``drift_min_check_interval_seconds``, or the last check's
-        CPU seconds over ``drift_max_cpu_share`` if longer, so checks use at most that share of one core."""
-        return max(
-            self.settings.drift_min_check_interval_seconds, self.last_check_cpu / self.settings.drift_max_cpu_share
-        )
+        CPU seconds over :meth:`cpu_share` if longer, so checks use at most that share of one core."""
+        return max(self.settings.drift_min_check_interval_seconds, self.last_check_cpu / self.cpu_share())
 
     def due(self, version: str, now: float) -> bool:
         """Whether to check now: at once when the version changed or nothing was checked yet (a new leader);
@@ -405,6 +414,7 @@ class DriftMonitor:
             interval_seconds=self.settings.drift_check_interval_seconds,
             min_interval_seconds=self.settings.drift_min_check_interval_seconds,
             max_cpu_share=self.settings.drift_max_cpu_share,
+            busy_cpu_share=self.settings.drift_busy_cpu_share,
             leader_lock=self.leader_lock.kind,
         )
         metrics.DRIFT_MONITOR_LEADER.labels(lock=self.leader_lock.kind).set(0)
@@ -413,6 +423,7 @@ class DriftMonitor:
                 if self.lead():
                     self.step()
                 self.report_cpu()
+                self.host_idle = self.host.sample()
                 self.stopping.wait(POLL_SECONDS)
         finally:
             self.leader_lock.dispose()  # a graceful stop hands over at once, not after a connection timeout

@@ -281,6 +281,21 @@ def test_the_cpu_budget_spaces_checks_by_what_the_last_one_cost(
     assert monitor.due(current.version, monitor.last_started + gap + 0.01)
 
 
+def test_the_cpu_share_falls_from_the_idle_budget_to_the_busy_one_as_the_host_fills_up(
+    store: ModelRegistry, tmp_path: Path
+) -> None:
+    """Idle host: drift_max_cpu_share; saturated: drift_busy_cpu_share; linear between; never above the max."""
+    monitor = make_monitor(store, tmp_path, drift_max_cpu_share=0.5, drift_busy_cpu_share=0.05)
+    monitor.last_check_cpu = 1.0
+    for idle, share in ((1.0, 0.5), (0.5, 0.275), (0.0, 0.05)):
+        monitor.host_idle = idle
+        assert monitor.cpu_share() == pytest.approx(share)
+        assert monitor.min_interval() == pytest.approx(1.0 / share)
+    capped = make_monitor(store, tmp_path / "capped", drift_max_cpu_share=0.01, drift_busy_cpu_share=0.05)
+    capped.host_idle = 0.0
+    assert capped.cpu_share() == 0.01
+
+
 def test_slow_traffic_is_checked_every_n_predictions_or_after_the_interval(
     monitor: DriftMonitor, current: LoadedModel, clothing_texts: list[str]
 ) -> None:
