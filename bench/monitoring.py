@@ -2,9 +2,10 @@
 
 1. Overhead: wrk (-t2 -c32, one text per request) against the service with metrics, prediction log and
    drift monitor on (the supervised service, as ``scripts/serve`` runs it) and with all of it off
-   (``SENTIMENT_MONITORING_ENABLED=false``, plain gunicorn), alternating three times; medians. Goal: on
-   >= 95 % of off. Meanwhile the resident memory of every process of the service (supervisor, gunicorn
-   master and workers, drift monitor) is sampled every 0.5 s. Goal: the sum stays <= 1 GB.
+   (``SENTIMENT_MONITORING_ENABLED=false``, plain gunicorn), three rounds in the order off-on, on-off,
+   off-on; medians. Goal: on >= 95 % of off. Meanwhile the resident memory of every process of the service
+   (supervisor, gunicorn master and workers, drift monitor) is sampled every 0.5 s. Goal: the sum stays
+   <= 1 GB.
 2. p99 latency at a fixed moderate load (open loop, 100 req/s) while drift checks run back to back (every
    prediction, no minimum gap, no CPU budget) vs while the monitor is idle. Goal: <= 1.5x.
 3. Detection delay: in-domain traffic at 50 req/s, then clothing reviews at 50 req/s; time from the
@@ -157,11 +158,18 @@ def tree_memory(root: int, every: float = 0.5) -> Iterator[dict[str, Any]]:
         sampler.join()
 
 
+def paired_ratios(offs: list[dict[str, Any]], ons: list[dict[str, Any]]) -> list[float]:
+    """On over off within each round (the two runs next to each other in time): the machine's drift over the
+    whole run, which moves both medians, cancels within a round."""
+    return [on["requests_per_s"] / off["requests_per_s"] for off, on in zip(offs, ons, strict=True)]
+
+
 def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: int) -> dict[str, Any]:
-    """Part 1: everything off, then everything on, alternating THROUGHPUT_ROUNDS times (the machine is shared
-    and noisy: single 15 s runs of "off" ranged 4,191-4,639 req/s)."""
+    """Part 1: everything off vs everything on, THROUGHPUT_ROUNDS rounds in alternating order (the machine is
+    shared and noisy: in one run, "off" went from 5,133 to 3,547 req/s over its three rounds)."""
     offs, ons, checks = [], [], 0
-    for _ in range(THROUGHPUT_ROUNDS):
+
+    def run_off() -> None:
         off = start_service(store, tmp / "off.log", SENTIMENT_MONITORING_ENABLED="false")
         try:
             with tree_memory(off.process.pid) as memory:
@@ -169,6 +177,9 @@ def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: in
             offs[-1].update(memory)
         finally:
             off.stop()
+
+    def run_on() -> None:
+        nonlocal checks
         on = start_service(store, tmp / "on.log", supervised=True)
         try:
             wait_for_monitor(on)  # steady state: not the monitor's one-off torch import competing with wrk
@@ -178,21 +189,30 @@ def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: in
             checks += sum(1 for e in on.logs() if e.get("event") in {"drift_checked", "drift_detected"})
         finally:
             on.stop()
+
+    # off-on, on-off, off-on, ...: a machine that speeds up or slows down during the run favours neither.
+    for round_number in range(THROUGHPUT_ROUNDS):
+        for run in (run_off, run_on) if round_number % 2 == 0 else (run_on, run_off):
+            run()
     off_rate = float(np.median([r["requests_per_s"] for r in offs]))
     on_rate = float(np.median([r["requests_per_s"] for r in ons]))
+    ratios = paired_ratios(offs, ons)
     tree_peak = max(r["tree_peak_rss_mb"] for r in ons)
     tree_pss = max(r["tree_peak_pss_mb"] for r in ons)
     print(
-        f"throughput (median of {THROUGHPUT_ROUNDS} alternating runs) off {off_rate:.0f} req/s, on "
-        f"{on_rate:.0f} req/s = {on_rate / off_rate:.1%} ({checks} drift checks ran meanwhile); every process "
-        f"of the service with monitoring on: peak {tree_pss:.0f} MB in all (PSS), {tree_peak:.0f} MB summed RSS",
+        f"throughput (medians of {THROUGHPUT_ROUNDS} rounds) off {off_rate:.0f} req/s, on {on_rate:.0f} req/s; on/off "
+        f"per round {', '.join(f'{r:.1%}' for r in ratios)}, median {np.median(ratios):.1%} ({checks} drift checks "
+        f"ran meanwhile); every process of the service with monitoring on: peak {tree_pss:.0f} MB in all (PSS), "
+        f"{tree_peak:.0f} MB summed RSS",
         flush=True,
     )
     return {
         "throughput_off": offs,
         "throughput_on": ons,
         "drift_checks_during_load": checks,
-        "throughput_on_vs_off": on_rate / off_rate,
+        "throughput_on_vs_off_per_round": ratios,
+        "throughput_on_vs_off": float(np.median(ratios)),
+        "throughput_on_vs_off_of_medians": on_rate / off_rate,
         "service_tree_peak_rss_mb_on": tree_peak,
         "service_tree_peak_rss_mb_off": max(r["tree_peak_rss_mb"] for r in offs),
         "service_tree_peak_pss_mb_on": tree_pss,
