@@ -14,7 +14,7 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import structlog
 from prometheus_client import Histogram
@@ -147,6 +147,34 @@ class InternalErrorMiddleware:
                 await error_response(500, "internal_error", "internal server error")(scope, receive, send)
 
 
+async def _answer_unless_started(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    wrapped_receive: Receive,
+    signal: type[Exception],
+    answer: Callable[[], ASGIApp],
+) -> None:
+    """Run ``app`` reading the body through ``wrapped_receive``; when that raises ``signal`` before the response
+    started, send ``answer()`` instead. After the response started the exception propagates and the server
+    cuts the connection: a second response cannot follow the first."""
+    started = False
+
+    async def send_tracked(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, wrapped_receive, send_tracked)
+    except signal:
+        if started:
+            raise
+        await answer()(scope, receive, send)
+
+
 class _BodyReadTimeout(Exception):
     """Raised by the timed ``receive`` once the read deadline passed; never leaves the middleware."""
 
@@ -168,7 +196,6 @@ class BodyReadTimeoutMiddleware:
             return
         deadline = asyncio.get_running_loop().time() + self.timeout_seconds
         body_done = False
-        started = False
 
         async def receive_timed() -> Message:
             nonlocal body_done
@@ -182,23 +209,17 @@ class BodyReadTimeoutMiddleware:
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
-        async def send_tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive_timed, send_tracked)
-        except _BodyReadTimeout:
-            if started:
-                raise
-            response = error_response(
+        def timed_out() -> ASGIApp:
+            return error_response(
                 408,
                 "request_timeout",
                 f"request body not received within {self.timeout_seconds:g} s",
                 headers={"Connection": "close"},
             )
-            await response(scope, receive, send)
+
+        await _answer_unless_started(
+            self.app, scope, receive, send, wrapped_receive=receive_timed, signal=_BodyReadTimeout, answer=timed_out
+        )
 
 
 class _BodyTooLarge(Exception):
@@ -229,7 +250,7 @@ class BodyLimitMiddleware:
             if not (declared.isascii() and declared.isdigit()):
                 await error_response(400, "bad_request", "invalid Content-Length header")(scope, receive, send)
             elif int(declared) > self.max_body_bytes:
-                await self._too_large(scope, receive, send)
+                await self._too_large()(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
             return
@@ -237,7 +258,6 @@ class BodyLimitMiddleware:
 
     async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
         size = 0
-        started = False
 
         async def receive_capped() -> Message:
             nonlocal size
@@ -247,27 +267,18 @@ class BodyLimitMiddleware:
                 raise _BodyTooLarge
             return message
 
-        async def send_tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        await _answer_unless_started(
+            self.app, scope, receive, send, wrapped_receive=receive_capped, signal=_BodyTooLarge, answer=self._too_large
+        )
 
-        try:
-            await self.app(scope, receive_capped, send_tracked)
-        except _BodyTooLarge:
-            if started:
-                raise
-            await self._too_large(scope, receive, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
+    def _too_large(self) -> ASGIApp:
+        return error_response(
             413,
             "payload_too_large",
             f"request body exceeds {self.max_body_bytes} bytes",
             {"max_body_bytes": self.max_body_bytes},
             headers={"Connection": "close"},
         )
-        await response(scope, receive, send)
 
 
 class Utf8BodyMiddleware:

@@ -87,6 +87,11 @@ class DriftTest(ABC):
         """``level`` is the corrected significance level; ``permutations``, ``engine`` (an
         :data:`app.monitoring.mmd.ENGINES` name) and ``seed`` are for the tests that use them."""
         self.reference = reference
+        self.level, self.permutations, self.engine_name, self.seed = level, permutations, engine, seed
+        self.prepare()
+
+    def prepare(self) -> None:  # noqa: B027  a hook: most tests need nothing beyond the reference
+        """Set up, once per model version, what :meth:`run` needs beyond the reference (nothing by default)."""
 
     @abstractmethod
     def run(self, window: Window) -> Outcome:
@@ -98,17 +103,11 @@ class MMDTest(DriftTest):
 
     name = "mmd"
 
-    def __init__(
-        self,
-        reference: DriftReference,
-        *,
-        level: float,
-        permutations: int,
-        engine: str = DEFAULT_ENGINE,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(reference, level=level, permutations=permutations, engine=engine, seed=seed)
-        self.engine = build_engine(engine, reference.embeddings, level=level, permutations=permutations, seed=seed)
+    def prepare(self) -> None:
+        embeddings = self.reference.embeddings
+        self.engine = build_engine(
+            self.engine_name, embeddings, level=self.level, permutations=self.permutations, seed=self.seed
+        )
 
     def run(self, window: Window) -> Outcome:
         p_value, distance, threshold = self.engine.score(window.embeddings)
