@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.migrations import upgrade
-from app.ml.registry import SIGNATURE, ModelRegistry
+from app.ml.registry import ModelRegistry
 from app.settings import Settings
+from tests.integration.services import register_copy
 from tests.postgres import PostgresCluster, _bin_dir
-from tests.s3 import SeaweedS3, _weed_binary
+from tests.s3 import OTHER_AWS_CREDENTIALS, SeaweedS3, _weed_binary
 
 
 class DurablePostgres(PostgresCluster):
@@ -71,17 +72,9 @@ class SharedServices:
 
 def seed_s3(folder: ModelRegistry, version: str, settings: Settings) -> str:
     """Copy ``version`` of a folder store into the S3-backed registry of ``settings`` and promote it."""
-    source = folder.get(version)
-    assert source.path is not None
-    card = {k: v for k, v in source.metadata.items() if k not in {"version", "stage", "created_at", "artifacts"}}
-    card.pop(SIGNATURE, None)
-    files = {
-        artifact: (lambda path, src=source.path / artifact: shutil.copyfile(src, path))
-        for artifact in source.metadata["artifacts"]
-    }
     registry = ModelRegistry.from_settings(settings)
     try:
-        seeded = registry.register(files, card).version
+        seeded = register_copy(registry, folder.get(version))
         registry.promote(seeded)
     finally:
         registry.close()
@@ -104,7 +97,7 @@ def shared_services(folder: ModelRegistry, version: str) -> Iterator[SharedServi
         postgres.start()
         s3.start()
         os.environ.update(s3.environ())
-        for name in ("AWS_ACCESS_KEY_ID_FILE", "AWS_SECRET_ACCESS_KEY_FILE", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        for name in OTHER_AWS_CREDENTIALS:
             os.environ.pop(name, None)
         database_url = postgres.create_database("bench")
         upgrade(database_url)

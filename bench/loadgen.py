@@ -14,6 +14,7 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 CONNECTION_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
 # The service closes keep-alive connections idle for 5 s (SENTIMENT_KEEPALIVE_SECONDS); reopen before that.
@@ -247,3 +248,17 @@ async def open_loop(
         "most_in_flight": float(most_in_flight),
         "connections_opened": float(opened),
     }
+
+
+def run_async(coroutine_factory: Callable[[], Any]) -> Any:
+    """Run the coroutine ``coroutine_factory()`` makes to completion on a fresh event loop (uvloop when
+    installed, as the service's workers run) and return its result."""
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coroutine_factory())

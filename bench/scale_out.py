@@ -59,7 +59,7 @@ from app.storage.predictions import PredictionRepository
 from app.storage.recorder import FLUSH_CHUNK_ROWS
 from app.storage.retrain_jobs import RetrainJobRepository
 from bench.backing import SharedServices, shared_services
-from bench.loadgen import STATS, Tally, closed_loop, open_loop, post_json
+from bench.loadgen import STATS, Tally, closed_loop, open_loop, post_json, run_async
 from bench.serving import RESULTS
 from bench.soak import cpu_seconds, train
 from tests.integration.services import REPO, Service, start_service, wait_for
@@ -124,24 +124,12 @@ class Instances:
                 store = None if "SENTIMENT_MODEL_STORE_URL" in env else self.folder
                 services.append(start_service(store, folder / "service.log", workers, **env))
             for service in services:
-                if not wait_for(lambda s=service: serving(s, workers), 60, every=0.2):
+                if not wait_for(lambda s=service: s.serving(workers), 60, every=0.2):
                     raise RuntimeError(f"{service.url} never served: {service.logs()[-5:]}")
         except BaseException:
             stop(services)
             raise
         return services
-
-
-def serving(service: Service, workers: int) -> bool:
-    """Every worker of ``service`` loaded the model and it answers /readyz."""
-    try:
-        if httpx.get(f"{service.url}/readyz", timeout=2).status_code != 200:
-            return False
-    except httpx.HTTPError:
-        return False
-    swapped = {e["pid"] for e in service.logs() if e.get("event") == "model_swapped"}
-    pids = service.worker_pids()
-    return len(pids) == workers and set(pids) <= swapped
 
 
 def stop(services: Sequence[Service]) -> list[int]:
@@ -159,18 +147,6 @@ def service_pids(services: Sequence[Service]) -> list[int]:
 def address(service: Service) -> tuple[str, int]:
     host, port = service.url.removeprefix("http://").rsplit(":", 1)
     return host, int(port)
-
-
-def run_async(coroutine_factory: Callable[[], Any]) -> Any:
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:
-        pass
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(coroutine_factory())
 
 
 def percentiles(latencies: Sequence[float]) -> dict[str, float | None]:

@@ -38,7 +38,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from bench.loadgen import (
     open_loop,
     post_json,
     prediction_id,
+    run_async,
 )
 from bench.serving import RESULTS, rss_mb
 from tests.integration.services import REPO, Daemon, Service, start_prometheus, start_service, wait_for
@@ -229,15 +229,7 @@ def load(service: Service, texts: list[str], args: argparse.Namespace, ids: Pred
             "window_seconds": args.window_seconds,
         }
 
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:
-        pass
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(run())
+    return run_async(run)
 
 
 def scrape_durations(prometheus: Daemon, wall_start: float, wall_end: float) -> tuple[list[tuple[float, float]], int]:

@@ -35,6 +35,8 @@ REGION = "us-east-1"
 GRPC_OFFSET = 10_000
 """SeaweedFS serves gRPC on each HTTP port + 10000 unless told otherwise: both must be free."""
 SERVICES = ("master", "volume", "filer", "s3")
+OTHER_AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID_FILE", "AWS_SECRET_ACCESS_KEY_FILE", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+"""Variables that would give a client other credentials than :meth:`SeaweedS3.environ`'s: unset them."""
 
 
 def _weed_binary() -> Path | None:
@@ -260,6 +262,6 @@ def s3_prefix(seaweedfs: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh ``s3://bucket/test-<id>`` URL, with the server's AWS variables set for this test."""
     for name, value in seaweedfs.environ().items():
         monkeypatch.setenv(name, value)
-    for name in ("AWS_ACCESS_KEY_ID_FILE", "AWS_SECRET_ACCESS_KEY_FILE", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    for name in OTHER_AWS_CREDENTIALS:
         monkeypatch.delenv(name, raising=False)
     return f"s3://{seaweedfs.bucket}/test-{uuid.uuid4().hex[:12]}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typing import Any, BinaryIO, TypeVar
 import httpx
 
 from app.migrations import upgrade
-from app.ml.registry import ModelRegistry
+from app.ml.registry import SIGNATURE, ModelRegistry, ModelVersion
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,6 +80,18 @@ class Service:
         else:
             masters = [self.process.pid]
         return sorted(pid for pid, (ppid, _) in tree.items() if ppid in masters)
+
+    def serving(self, workers: int) -> bool:
+        """It answers /readyz and each of its ``workers`` live workers has loaded a model (logged
+        ``model_swapped``): a replaced worker counts only once it has."""
+        try:
+            if httpx.get(f"{self.url}/readyz", timeout=2).status_code != 200:
+                return False
+        except httpx.HTTPError:
+            return False
+        swapped = {e["pid"] for e in self.logs() if e.get("event") == "model_swapped"}
+        pids = self.worker_pids()
+        return len(pids) == workers and set(pids) <= swapped
 
     def monitor_pid(self) -> int | None:
         monitors = [pid for pid, (_, cmd) in self.descendants().items() if "app.monitoring.monitor" in cmd]
@@ -280,3 +293,16 @@ def _scraped_at(target: dict[str, Any]) -> float:
     """A Prometheus target's ``lastScrape`` (RFC 3339 with nanoseconds) as a Unix time."""
     stamp = re.sub(r"(\.\d{6})\d*", r"\1", target["lastScrape"]).replace("Z", "+00:00")
     return datetime.fromisoformat(stamp).timestamp()
+
+
+def register_copy(target: ModelRegistry, source: ModelVersion) -> str:
+    """Register ``source``, a version of a folder store, as a new version of ``target`` (its artifacts and
+    card, under a new name, unsigned by ``source``'s key); returns the new version's name."""
+    assert source.path is not None
+    card = {k: v for k, v in source.metadata.items() if k not in {"version", "stage", "created_at", "artifacts"}}
+    card.pop(SIGNATURE, None)
+    files = {
+        artifact: (lambda path, src=source.path / artifact: shutil.copyfile(src, path))
+        for artifact in source.metadata["artifacts"]
+    }
+    return target.register(files, card).version

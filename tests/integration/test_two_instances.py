@@ -21,7 +21,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,14 +43,14 @@ from sqlalchemy.engine import Engine
 
 from app.migrations import upgrade
 from app.ml.data import load_tweets
-from app.ml.registry import REFERENCE_ARTIFACT, SIGNATURE, ModelRegistry
+from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
 from app.retrain.lock import AdvisoryRetrainLock
 from app.settings import Settings
 from app.storage.database import Database
 from app.storage.predictions import PredictionRepository
-from tests.integration.services import REPO, Service, start_service, wait_for
+from tests.integration.services import REPO, Service, register_copy, start_service, wait_for
 from tests.postgres import PostgresCluster, postgres  # noqa: F401  fixtures
-from tests.s3 import SeaweedS3, seaweedfs  # noqa: F401  fixtures
+from tests.s3 import OTHER_AWS_CREDENTIALS, SeaweedS3, seaweedfs  # noqa: F401  fixtures
 from tests.traffic import log_predictions
 
 pytestmark = pytest.mark.integration
@@ -176,16 +175,6 @@ class Pair:
         return probe.held_elsewhere()
 
 
-def worker_ready(service: Service) -> bool:
-    try:
-        if httpx.get(f"{service.url}/readyz", timeout=2).status_code != 200:
-            return False
-    except httpx.HTTPError:
-        return False
-    swapped = {e["pid"] for e in service.logs() if e.get("event") == "model_swapped"}
-    return set(service.worker_pids()) <= swapped and len(service.worker_pids()) == WORKERS
-
-
 def swaps_to(service: Service, version: str, after: float) -> dict[int, float]:
     """Each live worker's first ``model_swapped`` to ``version`` logged after ``after``: pid -> time."""
     found: dict[int, float] = {}
@@ -231,15 +220,7 @@ def seed(registry: ModelRegistry, full_store: tuple[Path, str], database_url: st
     registry (uploaded, then its row) and promote it; log labelled off-domain feedback (tweets) in the shared
     database, so a retrain has something to learn. Returns the version and in-domain texts for the load."""
     folder = ModelRegistry(full_store[0])
-    source = folder.get(full_store[1])
-    assert source.path is not None
-    card = {k: v for k, v in source.metadata.items() if k not in {"version", "stage", "created_at", "artifacts"}}
-    card.pop(SIGNATURE, None)
-    files = {
-        artifact: (lambda path, src=source.path / artifact: shutil.copyfile(src, path))
-        for artifact in source.metadata["artifacts"]
-    }
-    original = registry.register(files, card).version
+    original = register_copy(registry, folder.get(full_store[1]))
     registry.promote(original)
     loaded = folder.load(full_store[1])
     tweets = load_tweets()  # sorted by label: a random sample holds both
@@ -309,7 +290,7 @@ def pair(
     with pytest.MonkeyPatch.context() as monkeypatch:
         for key, value in aws.items():
             monkeypatch.setenv(key, value)
-        for key in ("AWS_ACCESS_KEY_ID_FILE", "AWS_SECRET_ACCESS_KEY_FILE", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        for key in OTHER_AWS_CREDENTIALS:
             monkeypatch.delenv(key, raising=False)
         settings = Settings(
             model_store=tmp / "unused-folder",
@@ -347,7 +328,7 @@ def pair(
             for variable in ("SENTIMENT_STATE_DIR", "PROMETHEUS_MULTIPROC_DIR", "SENTIMENT_PORT"):
                 assert services[0].env[variable] != services[1].env[variable]
             for service in services:
-                ready = wait_for(lambda s=service: worker_ready(s), 60)
+                ready = wait_for(lambda s=service: s.serving(WORKERS), 60)
                 assert ready, f"{service.url} never served: {service.logs()[-5:]}"
             load = Load([s.url for s in services], in_domain)
             load.thread.start()
