@@ -49,11 +49,12 @@ def test_train_if_empty_on_a_corrupt_pointer_neither_trains_nor_fails(
     assert [v.version for v in store.versions()] == versions
 
 
-def test_feedback_sources_lists_names_and_purge_forgets_one_names_labels(
+def test_feedback_sources_lists_names_revoke_refuses_one_and_purge_forgets_labels(
     store: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from app.migrations import upgrade
     from app.storage.database import Database
+    from app.storage.feedback_sources import FeedbackSourceRepository
     from app.storage.predictions import PredictionRepository
 
     url = f"sqlite:///{tmp_path / 'predictions.db'}"
@@ -82,11 +83,28 @@ def test_feedback_sources_lists_names_and_purge_forgets_one_names_labels(
     rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]]
     assert rows == [["leaked", "3"], ["web", "1"]]
     assert main(["--store", str(store.root), "feedback", "revoke", "leaked"]) == 0
-    assert "purged    3 labels of 'leaked'" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "revoked   'leaked': its token is refused (401)" in printed
+    assert "purged    3 labels of 'leaked'" in printed
     assert [(r.id, r.source) for r in log.labelled()] == [("p0", "web")]
     assert log.get_prediction("p1") is not None  # the prediction stays
-    assert main(["--store", str(store.root), "feedback", "purge", "leaked"]) == 0
-    assert "purged    0 labels" in capsys.readouterr().out
+    assert FeedbackSourceRepository(log.database).revoked() == {"leaked"}
+    assert main(["--store", str(store.root), "feedback", "purge", "web"]) == 0
+    printed = capsys.readouterr().out
+    assert "purged    1 labels of 'web'" in printed and "revoked" not in printed
+    assert "token     still accepted" in printed
+    assert FeedbackSourceRepository(log.database).revoked() == {"leaked"}  # a purge alone revokes nothing
+    assert main(["--store", str(store.root), "feedback", "sources"]) == 0
+    listed = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[:3] for r in listed] == [["leaked", "0", "-"], ["web", "0", "-"]]  # no labels left
+    assert listed[0][3] != "-" and listed[0][4] != "-"  # leaked: purged and revoked
+    assert listed[1][3] != "-" and listed[1][4] == "-"  # web: purged only
+
+
+def test_feedback_purge_and_revoke_are_separate_commands() -> None:
+    parser = _parser(Settings())
+    assert parser.parse_args(["feedback", "purge", "web"]).feedback_command == "purge"
+    assert parser.parse_args(["feedback", "revoke", "web"]).feedback_command == "revoke"
 
 
 def test_promote_and_rollback_record_cli_events_and_show_prints_them(

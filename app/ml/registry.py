@@ -659,15 +659,20 @@ class ModelRegistry:
         log.info("model_pointer_imported", model_version=pointer.version, history=len(pointer.history))
         return True
 
-    def promote(self, version: str, expected_current: str | None = None) -> str | None:
+    def promote(
+        self, version: str, expected_current: str | None = None, precondition: Callable[[], None] | None = None
+    ) -> str | None:
         """Make ``version`` current; returns the version it replaced. Rejected versions are refused.
 
         With ``expected_current`` (a retrain passes the version it improved on), the promotion happens only
         if that version is still current, checked inside the store's serialised change (its lock or
         transaction): otherwise an operator promoted or rolled back meanwhile and
-        :class:`CurrentVersionChangedError` leaves their choice in place.
+        :class:`CurrentVersionChangedError` leaves their choice in place. ``precondition`` runs inside that
+        change too, before anything is written: an exception it raises cancels the promotion and propagates.
         """
         with self.backend.change() as change:
+            if precondition is not None:
+                precondition()
             entry = change.get(version)
             if entry.stage == "rejected":
                 raise ModelStoreError(f"{version} was rejected by the promotion gate; it cannot be promoted")

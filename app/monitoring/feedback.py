@@ -3,15 +3,18 @@ the credentials that may send it.
 
 A label trains the next model, so only holders of a feedback token may send one, and every label records
 the name of the token that sent it: a retrain caps what one name contributes
-(``SENTIMENT_RETRAIN_MAX_SOURCE_SHARE``), and ``python -m app.cli feedback purge NAME`` forgets a leaked or
-misbehaving token's labels.
+(``SENTIMENT_RETRAIN_MAX_SOURCE_SHARE``). ``python -m app.cli feedback purge NAME`` forgets a misbehaving
+token's labels; ``feedback revoke NAME`` also refuses a leaked token, on every worker and instance sharing the
+database, within ``SENTIMENT_FEEDBACK_REVOCATION_REFRESH_SECONDS`` (:class:`RevokedSources`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import re
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -21,6 +24,7 @@ from app.errors import FeedbackConflictError, PredictionNotFoundError, StorageUn
 from app.monitoring import metrics
 from app.retrain.alerts import UnauthorizedError
 from app.settings import Settings
+from app.storage.feedback_sources import FeedbackSourceRepository
 from app.storage.predictions import LEGACY_SOURCE, LabelOutcome, LabelResult, PredictionRepository
 from app.storage.recorder import PredictionRecorder
 
@@ -32,12 +36,17 @@ ANONYMOUS_SOURCE = "anonymous"
 """The name labels are recorded under when development mode accepts feedback without credentials."""
 RESERVED_SOURCES = frozenset({ANONYMOUS_SOURCE, LEGACY_SOURCE})
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
+UNAUTHORIZED_MESSAGE = "a feedback token is required: Authorization: Bearer <token>"
+"""The message of a 401 for a missing, wrong or revoked token: the same, so it tells nothing about the token."""
 
 
 def parse_feedback_tokens(text: str) -> dict[str, str]:
     """``{name: token}`` from the feedback token setting: one ``name:token`` per line or comma, or a single
     plain token (named ``default``). Blank entries and ``#`` comment lines are skipped. Raises
     :class:`ValueError` (never quoting a token) for a bad name, an empty token, or a name or token given twice.
+
+    A plain token must not contain ``:`` (nor ``,``): ``abc:def`` is read as the token ``def`` named ``abc``.
+    The tokens ``scripts/serve`` generates never contain either.
     """
     entries = [
         entry.strip()
@@ -71,6 +80,7 @@ class FeedbackCredentials:
 
     tokens: tuple[tuple[str, str], ...] = ()
     allow_unauthenticated: bool = False
+    revocation_refresh_seconds: float = 5.0  # how stale the revoked names (RevokedSources) may be
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FeedbackCredentials:
@@ -80,7 +90,11 @@ class FeedbackCredentials:
             tokens = parse_feedback_tokens(text)
         except ValueError as exc:
             raise ValueError(f"SENTIMENT_FEEDBACK_TOKEN(_FILE): {exc}") from None
-        return cls(tuple(tokens.items()), settings.allow_unauthenticated_feedback)
+        return cls(
+            tuple(tokens.items()),
+            settings.allow_unauthenticated_feedback,
+            settings.feedback_revocation_refresh_seconds,
+        )
 
     @property
     def configured(self) -> bool:
@@ -106,8 +120,43 @@ class FeedbackCredentials:
                 matched = name
         if matched is None or scheme.lower() != "bearer":
             log.warning("feedback_unauthorized", reason="missing_or_wrong_token")
-            raise UnauthorizedError("a feedback token is required: Authorization: Bearer <token>")
+            raise UnauthorizedError(UNAUTHORIZED_MESSAGE)
         return matched
+
+
+class RevokedSources:
+    """The feedback token names revoked in the database (``python -m app.cli feedback revoke NAME``), reread
+    on the database's threads at most every ``refresh_seconds``: every worker and instance sharing the database
+    refuses a revoked token that long after the revocation at the latest.
+
+    A reread that fails (the database is down) keeps the last names read and is retried ``refresh_seconds``
+    later; feedback is refused with 503 then anyway, as its label cannot be stored.
+    """
+
+    def __init__(self, repository: FeedbackSourceRepository, refresh_seconds: float) -> None:
+        self.repository = repository
+        self.refresh_seconds = refresh_seconds
+        self._names: frozenset[str] = frozenset()
+        self._read_at = -math.inf  # time.monotonic() of the last reread
+        self._reading = asyncio.Lock()
+
+    def _fresh(self) -> bool:
+        return time.monotonic() - self._read_at < self.refresh_seconds
+
+    async def names(self) -> frozenset[str]:
+        """The revoked names, reread first if the last reread is ``refresh_seconds`` old (one reread at a time)."""
+        if not self._fresh():
+            async with self._reading:
+                if not self._fresh():
+                    await self._reread()
+        return self._names
+
+    async def _reread(self) -> None:
+        try:
+            self._names = await self.repository.call(self.repository.revoked)
+        except SQLAlchemyError as exc:
+            log.warning("feedback_revocations_unavailable", reason=type(exc).__name__, known=len(self._names))
+        self._read_at = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -134,10 +183,19 @@ class FeedbackService:
         self.recorder = recorder
         self.accuracy_window = accuracy_window
         self.credentials = credentials
+        self.revoked = RevokedSources(
+            FeedbackSourceRepository(predictions.database), credentials.revocation_refresh_seconds
+        )
 
     def authenticate(self, authorization: str) -> str:
-        """The name of the feedback token the request's ``Authorization`` header presents (else 401)."""
+        """The name of the feedback token the request's ``Authorization`` header presents (else 401); whether
+        that name is revoked is checked by :meth:`record`, which may wait for the database."""
         return self.credentials.identify(authorization)
+
+    async def _refuse_revoked(self, source: str) -> None:
+        if source in await self.revoked.names():
+            log.warning("feedback_unauthorized", reason="revoked", source=source)
+            raise UnauthorizedError(UNAUTHORIZED_MESSAGE)
 
     async def _label(self, prediction_id: str, label: str, source: str) -> LabelResult:
         try:
@@ -147,11 +205,12 @@ class FeedbackService:
 
     async def record(self, prediction_id: str, label: str, source: str) -> FeedbackReceipt:
         """Store ``label`` for the prediction as sent by the feedback token named ``source``: idempotent for
-        the same label, 409 for a different one.
+        the same label, 409 for a different one; 401 if ``source`` is revoked (:class:`RevokedSources`).
 
         A prediction may still sit in some worker's write buffer for up to one flush interval, so an
         unknown id is looked up once more after that interval before it is declared unknown.
         """
+        await self._refuse_revoked(source)
         await self.recorder.flush()
         result = await self._label(prediction_id, label, source)
         if result.outcome is LabelOutcome.NOT_FOUND:

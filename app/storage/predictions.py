@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Integer, delete, func, insert, select, update
-from sqlalchemy.sql.expression import Executable
+from sqlalchemy.sql.expression import Executable, Update
 
 from app.storage.database import INSERT_IGNORING_DUPLICATES, Database, Repository, predictions
 
@@ -90,6 +90,19 @@ class LabelResult:
 
 DRIVER_PLACEHOLDERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
 """The positional parameter marker of a DB-API parameter style (sqlite3: qmark; psycopg: pyformat)."""
+
+
+def purge_labels_statement(source: str) -> Update:
+    """The update that forgets every label the feedback token named ``source`` sent: label, time and source
+    become NULL, the predictions stay as unlabelled rows. ``legacy`` names the labels recorded before labels
+    carried their source."""
+    column = predictions.c.label_source
+    sent_by = column.is_(None) if source == LEGACY_SOURCE else column == source
+    return (
+        update(predictions)
+        .where(predictions.c.label.is_not(None), sent_by)
+        .values(label=None, labelled_at=None, label_source=None)
+    )
 
 
 class PredictionRepository(Repository):
@@ -270,17 +283,11 @@ class PredictionRepository(Repository):
             return [LabelSource(**r) for r in conn.execute(query).mappings()]
 
     def purge_labels(self, source: str) -> int:
-        """Forget every label the feedback token named ``source`` sent (label, time and source become NULL;
-        the predictions stay, as unlabelled rows) and return how many. ``legacy`` purges the labels recorded
-        before labels carried their source."""
-        column = predictions.c.label_source
-        sent_by = column.is_(None) if source == LEGACY_SOURCE else column == source
+        """Forget every label the feedback token named ``source`` sent (:func:`purge_labels_statement`) and
+        return how many. :meth:`app.storage.feedback_sources.FeedbackSourceRepository.purge` also records the
+        purge, which is what the command line runs."""
         with self.engine.begin() as conn:
-            done = conn.execute(
-                update(predictions)
-                .where(predictions.c.label.is_not(None), sent_by)
-                .values(label=None, labelled_at=None, label_source=None)
-            )
+            done = conn.execute(purge_labels_statement(source))
         return int(done.rowcount)
 
     def enforce_retention(

@@ -1,4 +1,5 @@
-"""Feedback needs a feedback token: without one nothing is stored, and each label records its token's name."""
+"""Feedback needs a feedback token: without one nothing is stored, each label records its token's name, and a
+token revoked with the command line is refused by the running service."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
+from app.cli import main as cli
 from app.main import create_app
 from app.services import Services
 from app.settings import Settings
@@ -140,3 +143,73 @@ def test_openapi_documents_the_bearer_credential_and_the_401(client: TestClient)
         "description": "",
     }
     assert "401" in operation["responses"]
+
+
+def send(client: TestClient, prediction_id: str, token: str) -> int:
+    response = client.post(
+        "/v1/feedback",
+        json={"prediction_id": prediction_id, "label": "positive"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    return response.status_code
+
+
+@pytest.fixture
+def revocable(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    """Two named tokens, revoked names reread every 0.2 s, and the command line on the same database."""
+    named = settings.model_copy(
+        update={"feedback_token": "web:web-token-1,mobile:mobile-token-2", "feedback_revocation_refresh_seconds": 0.2}
+    )
+    monkeypatch.setenv("SENTIMENT_DATABASE_URL", settings.prediction_log_url)
+    with TestClient(create_app(named), raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_a_token_revoked_with_the_cli_is_refused_within_the_refresh_time(
+    revocable: TestClient, settings: Settings
+) -> None:
+    """`feedback revoke web` on a running service: web's token answers 401 (reason revoked), mobile's still works."""
+    assert send(revocable, predict(revocable), "web-token-1") == 200  # the revoked names are read: none yet
+    assert cli(["--store", str(settings.model_store), "feedback", "revoke", "web"]) == 0
+    time.sleep(0.25)
+    prediction_id = predict(revocable)
+    with capture_logs() as logs:
+        refused = revocable.post(
+            "/v1/feedback",
+            json={"prediction_id": prediction_id, "label": "positive"},
+            headers={"Authorization": "Bearer web-token-1"},
+        )
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+    assert [e["reason"] for e in logs if e["event"] == "feedback_unauthorized"] == ["revoked"]
+    assert logged(revocable, prediction_id).label is None
+    assert send(revocable, prediction_id, "mobile-token-2") == 200
+
+
+def test_a_purge_alone_keeps_the_token_working(revocable: TestClient, settings: Settings) -> None:
+    first = predict(revocable)
+    assert send(revocable, first, "web-token-1") == 200
+    assert cli(["--store", str(settings.model_store), "feedback", "purge", "web"]) == 0
+    assert logged(revocable, first).label is None  # purged
+    time.sleep(0.25)
+    second = predict(revocable)
+    assert send(revocable, second, "web-token-1") == 200
+    assert logged(revocable, second).label_source == "web"
+
+
+def test_while_the_revoked_names_cannot_be_read_the_last_ones_read_still_refuse(
+    revocable: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed reread keeps the known revocations: a revoked token gets 401, never a 500 or a pass."""
+    assert cli(["--store", str(settings.model_store), "feedback", "revoke", "web"]) == 0
+    prediction_id = predict(revocable)
+    assert send(revocable, prediction_id, "web-token-1") == 401
+    revoked = services(revocable).feedback.revoked
+
+    def unavailable() -> frozenset[str]:
+        raise OperationalError("SELECT", {}, Exception("database is down"))
+
+    monkeypatch.setattr(revoked.repository, "revoked", unavailable)
+    time.sleep(0.25)
+    with capture_logs() as logs:
+        assert send(revocable, prediction_id, "web-token-1") == 401
+    assert "feedback_revocations_unavailable" in [e["event"] for e in logs]

@@ -32,6 +32,7 @@ from app.migrations import BASELINE, UPGRADE_COMMAND, DatabaseSchemaBehindError,
 from app.ml.registry import ModelRegistry
 from app.monitoring.monitor import DriftMonitor
 from app.settings import Settings
+from app.storage.feedback_sources import FeedbackSourceRepository
 from app.storage.repositories import Repositories
 from tests.conftest import free_port
 from tests.integration.services import start_service
@@ -118,6 +119,21 @@ def test_revisions_downgrade_and_upgrade_again_keeping_the_rows(url: str) -> Non
     log = Repositories.connect(url)
     labelled = log.predictions.get_prediction("p00001")
     assert log.predictions.count_predictions() == 2 and labelled is not None and labelled.label == "positive"
+    log.dispose()
+
+
+def test_the_feedback_sources_revision_adds_and_drops_its_table(url: str) -> None:
+    """Down one revision drops the purges and revocations (the older release accepts every token); up adds the
+    table back, empty."""
+    upgrade(url)
+    log = Repositories.connect(url)
+    FeedbackSourceRepository(log.database).purge("leaked", revoke=True)
+    log.dispose()
+    assert migrations.downgrade(url, "c41d8e2f9a16").current == "c41d8e2f9a16"
+    assert "feedback_sources" not in tables(url)
+    assert upgrade(url).up_to_date and columns(url, "feedback_sources") == {"name", "purged_at", "revoked_at"}
+    log = Repositories.connect(url)
+    assert FeedbackSourceRepository(log.database).revoked() == frozenset()
     log.dispose()
 
 

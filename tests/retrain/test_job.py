@@ -12,6 +12,7 @@ from app.ml.registry import ModelRegistry
 from app.retrain.job import (
     Feedback,
     JobReport,
+    PurgeCheck,
     corpus_of,
     group_weights,
     in_feedback_holdout,
@@ -21,6 +22,7 @@ from app.retrain.job import (
     training_weights,
 )
 from app.settings import Settings
+from app.storage.feedback_sources import FeedbackSourceRepository
 from app.storage.predictions import LabelledRow
 from app.storage.repositories import Repositories
 from tests.retrain.conftest import add_feedback
@@ -191,3 +193,16 @@ def test_labels_of_a_purged_source_never_reach_a_retrain(
     assert card["feedback"]["rows"] == 300
     # Fit and holdout rows together: the base corpus and the trusted labels, not one purged row.
     assert card["rows"] == len(rotten_tomatoes) + 300
+
+
+def test_the_purge_check_names_only_fitted_sources_purged_since_it_started(storage: Repositories) -> None:
+    sources = FeedbackSourceRepository(storage.database)
+    sources.purge("old", now=1.0)
+    sources.purge("gone", revoke=True, now=2.0)
+    check = PurgeCheck.start(sources)
+    rows = [LabelledRow(f"r{i}", "text", "positive", 3.0, source) for i, source in enumerate(["gone", "web", "old"])]
+    assert [r.source for r in check.usable(rows)] == ["web", "old"]  # a revoked name's late labels are left out
+    assert check.purged_since(["web", "old"]) == []  # purged before the labels were read: nothing to undo
+    sources.purge("unrelated", now=4.0)
+    sources.purge("old", now=5.0)
+    assert check.purged_since(["web", "old"]) == ["old"]
