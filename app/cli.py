@@ -12,17 +12,24 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app import migrations
 from app.errors import ModelStoreError, SentimentServiceError
 from app.logs import configure_logging
 from app.ml.data import CORPORA
 from app.ml.model import DEFAULT_KIND, IMPLEMENTATIONS, MODEL_KINDS
-from app.ml.pipeline import ModelParams
 from app.ml.registry import ModelRegistry
 from app.settings import Settings
 from app.storage.model_events import ModelEvent, ModelEventRepository
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from app.storage.feedback_sources import FeedbackSourceRepository
+    from app.storage.predictions import PredictionRepository
+
+    Subcommands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]  # what add_subparsers() returns
 
 ACTOR = "cli"
 """The actor of the model events the command line records."""
@@ -44,7 +51,7 @@ def _train(registry: ModelRegistry, settings: Settings, args: argparse.Namespace
     result = train_and_register(
         registry,
         corpus,
-        ModelParams(C=args.C),
+        {} if args.C is None else {"C": args.C},
         kind=args.kind,
         holdout_fraction=args.holdout_fraction,
         cv_folds=args.cv_folds,
@@ -100,32 +107,63 @@ def _sign(registry: ModelRegistry, versions: list[str]) -> int:
 
 
 def _feedback(registry: ModelRegistry, settings: Settings, args: argparse.Namespace) -> int:
-    """``feedback sources``: label counts per feedback token name; ``feedback purge NAME``: forget its labels."""
+    """``feedback sources``: labels, purges and revocations per feedback token name; ``feedback purge NAME``:
+    forget its labels; ``feedback revoke NAME``: forget them and refuse its token."""
     from app.storage.database import Database
+    from app.storage.feedback_sources import FeedbackSourceRepository
     from app.storage.predictions import PredictionRepository
 
     database = Database.from_settings(settings)
     try:
-        migrations.require_current(database.engine, "cli")  # an older log: `db upgrade` adds label_source
-        predictions = PredictionRepository(database)
+        migrations.require_current(database.engine, "cli")  # an older database: `db upgrade` adds the tables
+        sources = FeedbackSourceRepository(database)
         if args.feedback_command == "sources":
-            print(f"{'source':24} {'labels':>8}  last_labelled_at")
-            for sent in predictions.label_sources():
-                print(f"{sent.source:24} {sent.labels:8d}  {_utc_text(sent.last_labelled_at)}")
-            return 0
-        purged = predictions.purge_labels(args.name)
+            return _feedback_sources(PredictionRepository(database), sources)
+        revoke = args.feedback_command == "revoke"
+        purged = sources.purge(args.name, revoke=revoke)
     finally:
         database.dispose()
+    if revoke:
+        print(
+            f"revoked   {args.name!r}: its token is refused (401) on every worker and instance within "
+            f"{settings.feedback_revocation_refresh_seconds:g} s (SENTIMENT_FEEDBACK_REVOCATION_REFRESH_SECONDS)"
+        )
     print(f"purged    {purged} labels of {args.name!r} (the predictions stay, unlabelled)")
+    _print_fitted_on(registry, args.name)
+    print("retrain   a retrain running now does not promote a model fitted on them (outcome superseded)")
+    if revoke:
+        print("token     remove it from SENTIMENT_FEEDBACK_TOKEN(_FILE); give its client a new token under a new name")
+    else:
+        print(f"token     still accepted: `python -m app.cli feedback revoke {args.name}` refuses it")
+    return 0
+
+
+def _feedback_sources(predictions: PredictionRepository, sources: FeedbackSourceRepository) -> int:
+    """Per name that sent labels or was purged: labels still stored, the last one's time, the last purge and
+    the revocation."""
+    sent = {s.source: s for s in predictions.label_sources()}
+    handled = {s.name: s for s in sources.sources()}
+    print(f"{'source':24} {'labels':>8}  {'last_labelled_at':20}  {'purged_at':20}  revoked_at")
+    for name in sorted(sent.keys() | handled.keys()):
+        labels, source = sent.get(name), handled.get(name)
+        print(
+            f"{name:24} {labels.labels if labels else 0:8d}  "
+            f"{_utc_text(labels.last_labelled_at if labels else None) or '-':20}  "
+            f"{_utc_text(source.purged_at if source else None) or '-':20}  "
+            f"{_utc_text(source.revoked_at if source else None) or '-'}"
+        )
+    return 0
+
+
+def _print_fitted_on(registry: ModelRegistry, name: str) -> None:
+    """The versions fitted on labels of the feedback token ``name``, if any."""
     fitted = [
         v.version
         for v in registry.versions()
-        if args.name in v.metadata.get("data", {}).get("feedback", {}).get("sources", {})
+        if name in v.metadata.get("data", {}).get("feedback", {}).get("sources", {})
     ]
     if fitted:
-        print(f"fitted on {args.name!r}: {', '.join(fitted)} (promote or roll back to a version fitted without it)")
-    print("revoke the token itself by removing it from SENTIMENT_FEEDBACK_TOKEN(_FILE) and restarting the service")
-    return 0
+        print(f"fitted on {name!r}: {', '.join(fitted)} (promote or roll back to a version fitted without it)")
 
 
 @contextlib.contextmanager
@@ -290,6 +328,15 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         "default: SENTIMENT_MODEL_STORE_URL, else SENTIMENT_MODEL_STORE or ./model_store",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_version_commands(sub)
+    _add_feedback(sub)
+    _add_db(sub)
+    _add_migrate(sub)
+    return parser
+
+
+def _add_train(sub: Subcommands) -> None:
     train = sub.add_parser("train", help="train, evaluate and register a new version")
     train.add_argument("--corpus", choices=sorted(CORPORA), default="rotten_tomatoes")
     train.add_argument("--kind", choices=sorted(MODEL_KINDS), default=DEFAULT_KIND, help="model kind to train")
@@ -302,7 +349,13 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         help="make the new version current: only if none is (default), always, or never",
     )
     train.add_argument("--if-empty", action="store_true", help="do nothing if the store has a current version")
-    train.add_argument("--C", type=float, default=ModelParams.C, help="inverse regularisation strength")
+    train.add_argument(
+        "--C", type=float, default=None, help="inverse regularisation strength (default: the model kind's own)"
+    )
+
+
+def _add_version_commands(sub: Subcommands) -> None:
+    """``list``, ``show``, ``promote``, ``rollback`` and ``sign``."""
     sub.add_parser("list", help="list versions; * marks the current one")
     show = sub.add_parser("show", help="print a version's metadata, then its events (the audit trail)")
     show.add_argument("version", nargs="?", help="default: the current version")
@@ -318,15 +371,28 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         "sign", help="(re-)sign versions with SENTIMENT_MODEL_SIGNING_KEY[_FILE], after checking their hashes"
     )
     sign.add_argument("versions", nargs="*", help="default: every version")
+
+
+def _add_feedback(sub: Subcommands) -> None:
     feedback = sub.add_parser("feedback", help="feedback labels by the token (source) that sent them")
     feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True)
-    feedback_sub.add_parser("sources", help="list the token names that sent labels, with label counts")
+    feedback_sub.add_parser(
+        "sources", help="list the token names that sent labels or were purged: label counts, purges, revocations"
+    )
     purge = feedback_sub.add_parser(
         "purge",
-        aliases=["revoke"],
-        help="forget every label a token name sent (the predictions stay); no retrain uses them again",
+        help="forget every label a token name sent (the predictions stay); no retrain uses them again; "
+        "the token stays valid",
     )
     purge.add_argument("name", help="the token's name (`legacy`: labels older than recorded sources)")
+    revoke = feedback_sub.add_parser(
+        "revoke",
+        help="refuse a token name from now on (every worker and instance) and forget every label it sent",
+    )
+    revoke.add_argument("name", help="the token's name")
+
+
+def _add_db(sub: Subcommands) -> None:
     db = sub.add_parser("db", help="the prediction database's schema (SENTIMENT_DATABASE_URL): Alembic migrations")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_sub.add_parser(
@@ -337,6 +403,9 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     downgrade.add_argument("revision", help="a revision id, -1 (one step back) or base (no tables)")
     db_sub.add_parser("current", help="print the database's revision and this release's head")
     db_sub.add_parser("check", help="like current; exits 1 when the schema is behind (the service would refuse it)")
+
+
+def _add_migrate(sub: Subcommands) -> None:
     migrate = sub.add_parser(
         "migrate",
         help="copy every model version (verified by sha256) and every prediction database row into another "
@@ -356,7 +425,6 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         help="s3://bucket/prefix (versions' rows in --to-database) or a folder",
     )
     migrate.add_argument("--batch-rows", type=_positive, default=1000, help="rows per transaction (default: 1000)")
-    return parser
 
 
 def _run(registry: ModelRegistry, settings: Settings, args: argparse.Namespace) -> int:

@@ -96,13 +96,7 @@ async def build_services(settings: Settings, sources: Sequence[WebhookSource] = 
             asyncio.create_task(drift_status.watch(), name="drift-status"),
         ):
             stack.push_async_callback(_cancel, task)
-        launcher = RetrainLauncher(
-            settings.model_store,
-            storage.jobs,
-            settings.retrain_cooldown_seconds,
-            settings.as_env(),
-            mode=settings.retrain_mode,
-        )
+        launcher, feedback, webhooks = _request_services(settings, sources, storage, recorder)
         yield Services(
             settings=settings,
             registry=registry,
@@ -112,20 +106,33 @@ async def build_services(settings: Settings, sources: Sequence[WebhookSource] = 
             batcher=batcher,
             predictor=Predictor(models, batcher, recorder if settings.monitoring_enabled else None),
             drift_status=drift_status,
-            feedback=FeedbackService(
-                storage.predictions,
-                recorder,
-                settings.live_accuracy_window,
-                FeedbackCredentials.from_settings(settings),
-            ),
+            feedback=feedback,
             launcher=launcher,
-            webhooks=WebhookService(
-                verifiers(settings, sources),
-                settings.retrain_alert_names,
-                storage.alerts,
-                launcher,
-                drift_checks=storage.drift_checks,
-                min_estimated_drop_points=settings.retrain_min_estimated_drop_points,
-            ),
+            webhooks=webhooks,
             admin_token=settings.secret("admin_token"),
         )
+
+
+def _request_services(
+    settings: Settings, sources: Sequence[WebhookSource], storage: Repositories, recorder: PredictionRecorder
+) -> tuple[RetrainLauncher, FeedbackService, WebhookService]:
+    """The retrain launcher and the services the feedback and webhook routes call."""
+    launcher = RetrainLauncher(
+        settings.model_store,
+        storage.jobs,
+        settings.retrain_cooldown_seconds,
+        settings.as_env(),
+        mode=settings.retrain_mode,
+    )
+    feedback = FeedbackService(
+        storage.predictions, recorder, settings.live_accuracy_window, FeedbackCredentials.from_settings(settings)
+    )
+    webhooks = WebhookService(
+        verifiers(settings, sources),
+        settings.retrain_alert_names,
+        storage.alerts,
+        launcher,
+        drift_checks=storage.drift_checks,
+        min_estimated_drop_points=settings.retrain_min_estimated_drop_points,
+    )
+    return launcher, feedback, webhooks

@@ -46,7 +46,6 @@ import numpy as np
 import yaml
 
 from app.ml.data import load_rotten_tomatoes
-from app.ml.pipeline import ModelParams
 from app.ml.registry import ModelRegistry
 from bench.loadgen import (
     CONNECTION_ERRORS,
@@ -78,10 +77,9 @@ def train(root: Path) -> tuple[ModelRegistry, str, list[str]]:
     from app.ml.train import split_holdout, train_and_register
 
     corpus = load_rotten_tomatoes()
-    params = ModelParams()
     store = ModelRegistry(root)
-    result = train_and_register(store, corpus, params, progress=False)
-    _, holdout = split_holdout(corpus, 0.15, params.random_state)
+    result = train_and_register(store, corpus, progress=False)
+    _, holdout = split_holdout(corpus, 0.15, seed=0)
     texts = list(holdout.texts)
     random.Random(0).shuffle(texts)
     return store, result.version.version, texts

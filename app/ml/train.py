@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,7 +18,6 @@ from app.ml.data import CORPORA, Corpus
 from app.ml.drift_reference import DriftReference, build_reference
 from app.ml.model import DEFAULT_KIND, SentimentModel, build_model
 from app.ml.model_card import register_version
-from app.ml.pipeline import ModelParams
 from app.ml.registry import ModelRegistry, ModelVersion
 
 log = structlog.get_logger(__name__)
@@ -44,14 +44,20 @@ def split_holdout(corpus: Corpus, fraction: float, seed: int) -> tuple[Corpus, C
 
 
 def cross_validate(
-    corpus: Corpus, params: ModelParams, folds: int, progress: bool = True, kind: str = DEFAULT_KIND
+    corpus: Corpus,
+    params: Mapping[str, Any],
+    folds: int,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    kind: str = DEFAULT_KIND,
 ) -> dict[str, Any]:
     """Stratified k-fold accuracy of a model of ``kind`` on the whole corpus (2 folds at a time)."""
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=params.random_state)
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     texts = np.asarray(corpus.texts, dtype=object)
 
     def fold_accuracy(train: NDArray[np.int64], test: NDArray[np.int64]) -> float:
-        model = build_model(kind, params.to_dict()).fit(list(texts[train]), corpus.labels[train])
+        model = build_model(kind, params).fit(list(texts[train]), corpus.labels[train])
         return float((model.predict(list(texts[test])) == corpus.labels[test]).mean())
 
     jobs = (delayed(fold_accuracy)(tr, te) for tr, te in splitter.split(texts, corpus.labels))
@@ -71,9 +77,10 @@ def cross_validate(
 def train_and_register(
     registry: ModelRegistry,
     corpus: Corpus,
-    params: ModelParams | None = None,
+    params: Mapping[str, Any] | None = None,
     *,
     kind: str = DEFAULT_KIND,
+    seed: int = 0,
     holdout_fraction: float = 0.15,
     drift_reference_size: int = 1000,
     cv_folds: int = 0,
@@ -83,15 +90,16 @@ def train_and_register(
 ) -> TrainingResult:
     """Fit a model of ``kind`` on ``corpus`` minus a stratified holdout, evaluate it there and register it.
 
-    The version's card records metrics, model kind, parameters, data fingerprints, library versions and
-    parent (:func:`app.ml.model_card.register_version`). Up to ``drift_reference_size`` holdout rows
-    become the drift reference. ``promote`` decides whether it becomes current: ``if-none`` only when
-    the store has no current version.
+    ``params`` are the kind's hyper-parameters (missing ones take the kind's defaults); ``seed`` draws
+    the holdout, the cross-validation folds and the drift reference. The version's card records metrics,
+    model kind, parameters, data fingerprints, library versions and parent
+    (:func:`app.ml.model_card.register_version`). Up to ``drift_reference_size`` holdout rows become the
+    drift reference. ``promote``: ``if-none`` makes it current only when the store has no current version.
     """
-    params = params or ModelParams()
+    params = params or {}
     started = time.perf_counter()
-    fit, holdout = split_holdout(corpus, holdout_fraction, params.random_state)
-    cv = cross_validate(corpus, params, cv_folds, progress, kind) if cv_folds > 1 else None
+    fit, holdout = split_holdout(corpus, holdout_fraction, seed)
+    cv = cross_validate(corpus, params, cv_folds, seed=seed, progress=progress, kind=kind) if cv_folds > 1 else None
     with tqdm(total=2, desc="train", unit="step", disable=not progress) as steps:
         steps.set_postfix_str(f"fit on {len(fit)} rows")
         model, fit_seconds = fit_model(kind, params, fit)
@@ -102,21 +110,27 @@ def train_and_register(
             model,
             fit=fit,
             holdout=holdout,
-            reference=holdout_reference(model, fit, holdout, drift_reference_size, params.random_state),
-            data=corpus_description(corpus, holdout_fraction, params.random_state),
+            reference=holdout_reference(model, fit, holdout, drift_reference_size, seed),
+            data=corpus_description(corpus, holdout_fraction, seed),
             parent=parent if parent is not None else registry.current_version(),
             extra={"training_seconds": round(time.perf_counter() - started, 2), "fit_seconds": round(fit_seconds, 2)},
             report_extra={"cross_validation": cv} if cv else None,
         )
         steps.update()
-    version, report = registered.version, registered.report
+    return _conclude(registry, registered.version, registered.report, promote)
+
+
+def _conclude(
+    registry: ModelRegistry, version: ModelVersion, report: dict[str, Any], promote: PromotePolicy
+) -> TrainingResult:
+    """Promote a freshly registered version as ``promote`` says, and log it."""
     promoted = promote == "always" or (promote == "if-none" and registry.current_version() is None)
     if promoted:
         registry.promote(version.version)
     log.info(
         "model_trained",
         model_version=version.version,
-        model_kind=kind,
+        model_kind=version.metadata.get("model", {}).get("kind"),
         accuracy=report["accuracy"],
         ece=report["ece"],
         promoted=promoted,
@@ -125,10 +139,10 @@ def train_and_register(
     return TrainingResult(registry.get(version.version), report, promoted)
 
 
-def fit_model(kind: str, params: ModelParams, fit: Corpus) -> tuple[SentimentModel, float]:
+def fit_model(kind: str, params: Mapping[str, Any], fit: Corpus) -> tuple[SentimentModel, float]:
     """A model of ``kind`` fitted on ``fit``, and the seconds the fit took."""
     started = time.perf_counter()
-    model = build_model(kind, params.to_dict()).fit(fit.texts, fit.labels)
+    model = build_model(kind, params).fit(fit.texts, fit.labels)
     return model, time.perf_counter() - started
 
 

@@ -342,12 +342,7 @@ def explain(
     with threadpool_limits(1):
         rows = _sample(len(window_texts), max_window_rows, seed)
         texts = [window_texts[i] for i in rows]
-        if window_embeddings is None:
-            embedded = embed(model, reference.components, texts)
-        elif len(window_embeddings) != len(window_texts):
-            raise ValueError(f"{len(window_embeddings)} window embeddings for {len(window_texts)} texts")
-        else:
-            embedded = np.asarray(window_embeddings)[rows]
+        embedded = _window_embeddings(model, reference, window_texts, window_embeddings, rows)
         reference_rows = reference.embeddings[_sample(len(reference.embeddings), max_reference_rows, seed)]
         aucs, scores = domain_scores(reference_rows, embedded, folds=folds, seed=seed)
         over: tuple[Term, ...] | None = None
@@ -370,6 +365,21 @@ def explain(
         reference_term_texts=reference_terms.texts if reference_terms is not None else 0,
         seconds=round(time.perf_counter() - started, 4),
     )
+
+
+def _window_embeddings(
+    model: SentimentModel,
+    reference: DriftReference,
+    window_texts: Sequence[str],
+    given: NDArray[np.floating[Any]] | None,
+    rows: NDArray[np.int64],
+) -> NDArray[np.floating[Any]]:
+    """The embeddings of the sampled window ``rows``: taken from ``given`` (one per window text), else computed."""
+    if given is None:
+        return embed(model, reference.components, [window_texts[i] for i in rows])
+    if len(given) != len(window_texts):
+        raise ValueError(f"{len(given)} window embeddings for {len(window_texts)} texts")
+    return np.asarray(given)[rows]
 
 
 def _least_like_reference(texts: list[str], scores: NDArray[np.float64], k: int) -> tuple[Example, ...]:

@@ -6,8 +6,10 @@ carries ``SENTIMENT_RETRAIN_FEEDBACK_WEIGHT`` of the total weight. Within it, ea
 ``SENTIMENT_RETRAIN_MAX_SOURCE_SHARE`` when several sent labels (:func:`source_shares`), so one token
 cannot outvote the others by sending more. Within each source both labels weigh the same: feedback from
 a new domain is rarely balanced (clothing reviews are 88 % positive) and would otherwise teach the
-majority label. The labels of a purged token (``python -m app.cli feedback purge``) are gone from the
-log, so no retrain sees them.
+majority label. The labels of a purged token (``python -m app.cli feedback purge|revoke NAME``) are gone
+from the log, so no retrain sees them; labels a revoked token sent before every worker refused it are left
+out, and a token purged or revoked while a retrain runs stops the promotion of a candidate fitted on it
+(:class:`PurgeCheck`: outcome ``superseded``, reason ``labels_purged``).
 
 Gate: the candidate and the current model are scored on the same held-out data, the base corpus's
 holdout and the feedback holdout (a fixed hash of the prediction id puts a row there for good), by
@@ -41,12 +43,13 @@ failed (reason ``lock_held``) and exits 3 without retraining.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -61,7 +64,7 @@ from app.migrations import require_current
 from app.ml.data import CORPORA, LABELS, Corpus, fingerprint_rows
 from app.ml.drift_reference import DriftReference, build_reference
 from app.ml.model import SentimentModel, build_model
-from app.ml.model_card import register_version
+from app.ml.model_card import RegisteredVersion, register_version
 from app.ml.registry import LoadedModel, ModelRegistry
 from app.ml.train import split_holdout
 from app.monitoring import metrics
@@ -69,6 +72,7 @@ from app.retrain.lock import FileRetrainLock, RetrainLock
 from app.retrain.shadow import ShadowRules, shadow_candidate
 from app.settings import Settings
 from app.storage.database import Database
+from app.storage.feedback_sources import FeedbackSourceRepository
 from app.storage.model_events import ModelEvent, ModelEventRepository
 from app.storage.predictions import LabelledRow, PredictionRepository
 from app.storage.retrain_jobs import RetrainJobRepository
@@ -346,18 +350,141 @@ def card_data(
     }
 
 
-def promote_candidate(registry: ModelRegistry, version: str, parent: str, gate: dict[str, Any]) -> Outcome:
-    """Promote ``version`` if ``parent`` is still current, checked under the store's lock. Otherwise an
-    operator promoted or rolled back while the retrain ran; their choice stays and the outcome is
-    ``superseded`` (reason ``parent_not_current``), the candidate left in stage ``candidate``."""
+@dataclass(frozen=True)
+class PurgeCheck:
+    """The feedback token names purged or revoked (``python -m app.cli feedback purge|revoke NAME``) as the
+    retrain reads its labels: a name the candidate was fitted on that is purged again before the promotion
+    stops it (:func:`promote_candidate`)."""
+
+    repository: FeedbackSourceRepository
+    purge_times: dict[str, float]  # name -> its latest purge, read before the labels
+    revoked: frozenset[str]
+
+    @classmethod
+    def start(cls, repository: FeedbackSourceRepository) -> PurgeCheck:
+        """Read before the labels: a purge committed after this is seen by :meth:`purged_since`."""
+        sources = repository.sources()
+        revoked = frozenset(s.name for s in sources if s.revoked_at is not None)
+        return cls(repository, {s.name: s.purged_at for s in sources}, revoked)
+
+    def usable(self, rows: list[LabelledRow]) -> list[LabelledRow]:
+        """``rows`` without labels of revoked names: those a token sent after its purge, before every worker
+        refused it (``SENTIMENT_FEEDBACK_REVOCATION_REFRESH_SECONDS``)."""
+        return [r for r in rows if r.source not in self.revoked]
+
+    def purged_since(self, names: Iterable[str]) -> list[str]:
+        """The ``names`` purged or revoked since :meth:`start`, by name."""
+        now = self.repository.purge_times()
+        return sorted(n for n in names if now.get(n) != self.purge_times.get(n))
+
+
+class _LabelsPurgedError(Exception):
+    def __init__(self, sources: list[str]) -> None:
+        super().__init__(", ".join(sources))
+        self.sources = sources
+
+
+def promote_candidate(
+    registry: ModelRegistry,
+    version: str,
+    parent: str,
+    gate: dict[str, Any],
+    purged: Callable[[], list[str]] = list,
+) -> Outcome:
+    """Promote ``version`` unless an operator acted while the retrain ran; their choice stays, the outcome is
+    ``superseded`` and the candidate stays in stage ``candidate``. Both are checked under the store's lock:
+    ``purged()`` names the feedback sources the candidate was fitted on that were purged or revoked meanwhile
+    (reason ``labels_purged``), and ``parent`` must still be current (reason ``parent_not_current``)."""
+    details: dict[str, Any] = {"gate": gate, "parent": parent}
+
+    def no_purge() -> None:
+        sources = purged()
+        if sources:
+            raise _LabelsPurgedError(sources)
+
     try:
-        registry.promote(version, expected_current=parent)
+        registry.promote(version, expected_current=parent, precondition=no_purge)
+    except _LabelsPurgedError as exc:
+        log.warning("retrain_superseded", candidate_version=version, reason="labels_purged", purged_sources=exc.sources)
+        details |= {"reason": "labels_purged", "current_version": parent, "purged_sources": exc.sources}
+        return Outcome("superseded", details, version)
     except CurrentVersionChangedError as exc:
         current = exc.details["current"]
         log.warning("retrain_superseded", candidate_version=version, parent=parent, current_version=current)
-        details = {"gate": gate, "reason": "parent_not_current", "parent": parent, "current_version": current}
-        return Outcome("superseded", details, version)
+        return Outcome("superseded", details | {"reason": "parent_not_current", "current_version": current}, version)
     return Outcome("promoted", {"gate": gate}, version)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A candidate fitted on the base corpus and the feedback, and its gate figures."""
+
+    model: SentimentModel
+    base: BaseData
+    feedback: Feedback
+    fit: Corpus  # the base fit rows, then the feedback fit rows
+    holdout: Corpus  # the base holdout, then the feedback holdout
+    sources: dict[str, Any]  # source_report(): the feedback tokens it was fitted on
+    gate: dict[str, Any]
+    fit_seconds: float
+
+
+def train_candidate(current: LoadedModel, feedback: Feedback, settings: Settings) -> Trained:
+    """Fit a candidate of the current model's kind on its base corpus and the weighted feedback, then gate it."""
+    base = base_data(current.metadata, settings.data_dir)
+    fit = joined(f"{base.name}{FEEDBACK_SUFFIX}:fit", base.fit, feedback.fit)
+    cap = settings.retrain_max_source_share
+    weights = training_weights(base.fit.labels, feedback, settings.retrain_feedback_weight, cap)
+    candidate, fit_seconds = fit_candidate(current.model, fit, weights)
+    gate = run_gate(candidate, current.model, base.holdout, feedback.holdout, settings.retrain_promotion_margin)
+    holdout = joined(f"{base.name}{FEEDBACK_SUFFIX} holdout", base.holdout, feedback.holdout)
+    return Trained(candidate, base, feedback, fit, holdout, source_report(feedback, weights, cap), gate, fit_seconds)
+
+
+@dataclass(frozen=True)
+class Job:
+    """The retrain job being run: its settings, id and trigger."""
+
+    settings: Settings
+    job_id: str
+    trigger: str
+
+
+def register_trained(
+    registry: ModelRegistry, predictions: PredictionRepository, current: LoadedModel, trained: Trained, job: Job
+) -> tuple[RegisteredVersion, dict[str, Any] | None, str | None]:
+    """Register the candidate with its drift reference and (if the gate passed it) its shadow figures:
+    the version, the shadow figures and what rejected it (``gate``, ``shadow`` or None)."""
+    fitted = set(trained.feedback.fit.texts)
+    traffic = [r.text for r in predictions.window(REFERENCE_ROWS * 2, current.version) if r.text not in fitted]
+    reference, reference_source = drift_reference_of(
+        trained.model, trained.fit, trained.holdout, traffic, trained.base.seed
+    )
+    shadow = None
+    if trained.gate["decision"] == "promote":  # off the request path: the retrain process scores the live window
+        live = predictions.window(job.settings.drift_window_size, current.version)
+        shadow = shadow_candidate(trained.model, live, ShadowRules.from_settings(job.settings), exclude=fitted)
+    rejected_by = "gate" if trained.gate["decision"] != "promote" else "shadow" if shadow_blocks(shadow) else None
+    data = card_data(
+        trained.base, trained.fit, trained.holdout, trained.feedback, reference_source, sources=trained.sources
+    )
+    registered = register_version(
+        registry,
+        trained.model,
+        fit=trained.fit,
+        holdout=trained.holdout,
+        reference=reference,
+        data=data,
+        parent=current.version,
+        extra={
+            "gate": trained.gate,
+            **({"shadow": shadow} if shadow is not None else {}),
+            "retrain": {"job_id": job.job_id, "trigger": job.trigger},
+            "fit_seconds": round(trained.fit_seconds, 2),
+        },
+        stage="rejected" if rejected_by else "candidate",
+    )
+    return registered, shadow, rejected_by
 
 
 def retrain(settings: Settings, job_id: str, trigger: str, *, settle: Callable[[], None] = lambda: None) -> Outcome:
@@ -372,54 +499,26 @@ def retrain(settings: Settings, job_id: str, trigger: str, *, settle: Callable[[
     current = registry.load_current()
     if current is None:
         raise RuntimeError("no current model to improve on")
-    feedback = collect_feedback(registry, current, predictions.labelled(), settings)
+    purges = PurgeCheck.start(FeedbackSourceRepository(predictions.database))  # before the labels are read
+    feedback = collect_feedback(registry, current, purges.usable(predictions.labelled()), settings)
     if isinstance(feedback, Outcome):
         return feedback
-    base = base_data(current.metadata, settings.data_dir)
-    fit = joined(f"{base.name}{FEEDBACK_SUFFIX}:fit", base.fit, feedback.fit)
-    cap = settings.retrain_max_source_share
-    weights = training_weights(base.fit.labels, feedback, settings.retrain_feedback_weight, cap)
-    sources = source_report(feedback, weights, cap)
-    candidate, fit_seconds = fit_candidate(current.model, fit, weights)
-    gate = run_gate(candidate, current.model, base.holdout, feedback.holdout, settings.retrain_promotion_margin)
-
-    holdout = joined(f"{base.name}{FEEDBACK_SUFFIX} holdout", base.holdout, feedback.holdout)
-    fitted = set(feedback.fit.texts)
-    traffic = [r.text for r in predictions.window(REFERENCE_ROWS * 2, current.version) if r.text not in fitted]
-    reference, reference_source = drift_reference_of(candidate, fit, holdout, traffic, base.seed)
-    shadow = None
-    if gate["decision"] == "promote":  # off the request path: the retrain process scores the live window
-        live = predictions.window(settings.drift_window_size, current.version)
-        shadow = shadow_candidate(candidate, live, ShadowRules.from_settings(settings), exclude=fitted)
-    rejected_by = "gate" if gate["decision"] != "promote" else "shadow" if shadow_blocks(shadow) else None
-    registered = register_version(
-        registry,
-        candidate,
-        fit=fit,
-        holdout=holdout,
-        reference=reference,
-        data=card_data(base, fit, holdout, feedback, reference_source, sources=sources),
-        parent=current.version,
-        extra={
-            "gate": gate,
-            **({"shadow": shadow} if shadow is not None else {}),
-            "retrain": {"job_id": job_id, "trigger": trigger},
-            "fit_seconds": round(fit_seconds, 2),
-        },
-        stage="rejected" if rejected_by else "candidate",
-    )
-    version = registered.version
-    events = CandidateEvents(ModelEventRepository(predictions.database), version.version, job_id, trigger)
-    events.scored(registered.report, current.version, gate, shadow)
+    trained = train_candidate(current, feedback, settings)
+    job = Job(settings, job_id, trigger)
+    registered, shadow, rejected_by = register_trained(registry, predictions, current, trained, job)
+    version = registered.version.version
+    events = CandidateEvents(ModelEventRepository(predictions.database), version, job_id, trigger)
+    events.scored(registered.report, current.version, trained.gate, shadow)
     settle()
     if rejected_by:
         events.record("rejected", {"reason": rejected_by, "reasons": (shadow or {}).get("reasons", [])})
-        figures = {"gate": gate, **({"shadow": shadow} if shadow is not None else {})}
-        return Outcome("rejected", {**figures, "reason": rejected_by, "feedback": sources}, version.version)
+        figures = {"gate": trained.gate, **({"shadow": shadow} if shadow is not None else {})}
+        return Outcome("rejected", {**figures, "reason": rejected_by, "feedback": trained.sources}, version)
     promoting_at = time.time()  # the watch counts the new version's predictions from before the pointer moved
-    result = promote_candidate(registry, version.version, current.version, gate)
+    purged = functools.partial(purges.purged_since, trained.sources["sources"])
+    result = promote_candidate(registry, version, current.version, trained.gate, purged)
     events.ended(result, current.version, promoting_at)
-    return replace(result, details={**result.details, "shadow": shadow, "feedback": sources})
+    return replace(result, details={**result.details, "shadow": shadow, "feedback": trained.sources})
 
 
 def shadow_blocks(shadow: dict[str, Any] | None) -> bool:
@@ -452,11 +551,12 @@ class CandidateEvents:
             self.record("shadowed", shadow)
 
     def ended(self, result: Outcome, parent: str, at: float) -> None:
-        """``promoted`` at ``at`` (the promotion watch follows it) or ``superseded``."""
+        """``promoted`` at ``at`` (the promotion watch follows it) or ``superseded`` (with its reason)."""
         if result.outcome == "promoted":
             self.record("promoted", {"previous": parent, "watch": True}, at)
         else:
-            self.record("superseded", {k: result.details[k] for k in ("reason", "parent", "current_version")})
+            kept = ("reason", "parent", "current_version", "purged_sources")
+            self.record("superseded", {k: result.details[k] for k in kept if k in result.details})
 
 
 def lower_priority() -> None:

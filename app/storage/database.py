@@ -2,20 +2,20 @@
 that run its calls.
 
 One :class:`Database` per process holds the engine every repository shares: predictions and their labels
-(:mod:`app.storage.predictions`), drift checks (:mod:`app.storage.drift_checks`), retrain jobs
-(:mod:`app.storage.retrain_jobs`), webhook alert firings (:mod:`app.storage.alerts`) and the model versions'
-audit trail (:mod:`app.storage.model_events`). SQLite in WAL mode by default (one file under the data dir, safe
-for several processes); any SQLAlchemy URL (PostgreSQL) by setting.
+(:mod:`app.storage.predictions`), purged and revoked feedback token names (:mod:`app.storage.feedback_sources`),
+drift checks (:mod:`app.storage.drift_checks`), retrain jobs (:mod:`app.storage.retrain_jobs`), webhook alert
+firings (:mod:`app.storage.alerts`) and the model versions' audit trail (:mod:`app.storage.model_events`). SQLite
+in WAL mode by default (one file under the data dir, safe for several processes); any SQLAlchemy URL
+(PostgreSQL) by setting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -138,6 +138,16 @@ model_events = Table(
     Index("ix_model_events_version_time", "model_version", "occurred_at"),
 )
 
+# Feedback token names an operator purged or revoked (python -m app.cli feedback purge|revoke NAME): a revoked
+# name's token is refused, and a retrain fitted on a name purged while it ran is not promoted.
+feedback_sources = Table(
+    "feedback_sources",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("purged_at", Float, nullable=False),  # the latest purge of its labels (a revocation purges too)
+    Column("revoked_at", Float, nullable=True),  # null: its token is still accepted
+)
+
 webhook_alerts = Table(
     "webhook_alerts",
     metadata,
@@ -213,6 +223,8 @@ class Database:
         # Not the event loop's default executor: while the database hangs, only these threads wait on it,
         # and /metrics, model reloads and webhooks keep theirs. Threads start on first use.
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prediction-log")
+        self._running: set[Future[Any]] = set()  # calls in flight: dispose() lets them end first
+        self._statement_timeout = statement_timeout
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
@@ -227,11 +239,16 @@ class Database:
         """Await a blocking call (a repository's method), run on the database's threads (with the caller's
         context variables, as ``asyncio.to_thread`` does, so log lines keep their ``request_id``)."""
         context = contextvars.copy_context()
-        job = functools.partial(context.run, method, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
+        future: Future[T] = self._executor.submit(lambda: context.run(method, *args, **kwargs))
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
+        return await asyncio.wrap_future(future)
 
     def dispose(self) -> None:
+        """Cancel queued calls, give the ones in flight up to a statement timeout to end (their connections go
+        back to the pool and are closed with it, not left to the garbage collector), then close the pool."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        wait(list(self._running), timeout=self._statement_timeout)
         self.engine.dispose()
 
 

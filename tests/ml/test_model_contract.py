@@ -36,7 +36,7 @@ def test_the_decision_rule_calls_the_threshold_itself_positive() -> None:
 
 def test_both_tfidf_kinds_are_registered_and_built_by_name() -> None:
     assert model_kind(DEFAULT_KIND) is WordCharTfidfModel and MODEL_KINDS["tfidf_word_logreg"] is WordTfidfModel
-    model = build_model("tfidf_word_logreg", {**SMALL_PARAMS.to_dict(), "C": 3.0, "not_a_param": 1})
+    model = build_model("tfidf_word_logreg", {**SMALL_PARAMS, "C": 3.0, "not_a_param": 1})
     assert isinstance(model, WordTfidfModel) and model.params_dict()["C"] == 3.0
     with pytest.raises(KeyError, match="unknown model kind 'nope'"):
         build_model("nope")
@@ -44,8 +44,8 @@ def test_both_tfidf_kinds_are_registered_and_built_by_name() -> None:
 
 def test_words_only_features_are_the_word_block_of_the_default_kind(small_corpus: Corpus) -> None:
     texts, labels = small_corpus.texts[:600], small_corpus.labels[:600]
-    both = build_model(DEFAULT_KIND, SMALL_PARAMS.to_dict()).fit(texts, labels)
-    words = build_model("tfidf_word_logreg", SMALL_PARAMS.to_dict()).fit(texts, labels)
+    both = build_model(DEFAULT_KIND, SMALL_PARAMS).fit(texts, labels)
+    words = build_model("tfidf_word_logreg", SMALL_PARAMS).fit(texts, labels)
     n_words = words.features(texts[:5]).shape[1]
     assert 0 < n_words < both.features(texts[:5]).shape[1]
     assert np.allclose(words.features(texts[:5]).toarray(), both.features(texts[:5]).toarray()[:, :n_words])
@@ -53,16 +53,16 @@ def test_words_only_features_are_the_word_block_of_the_default_kind(small_corpus
 
 def test_sample_weights_reach_the_classifier(small_corpus: Corpus) -> None:
     texts, labels = small_corpus.texts[:600], small_corpus.labels[:600]
-    plain = build_model("tfidf_word_logreg", SMALL_PARAMS.to_dict()).fit(texts, labels)
+    plain = build_model("tfidf_word_logreg", SMALL_PARAMS).fit(texts, labels)
     # Positive rows weigh 5 times as much: the model calls more texts positive.
     weights = np.where(labels == 1, 5.0, 1.0)
-    weighted = build_model("tfidf_word_logreg", SMALL_PARAMS.to_dict()).fit(texts, labels, sample_weight=weights)
+    weighted = build_model("tfidf_word_logreg", SMALL_PARAMS).fit(texts, labels, sample_weight=weights)
     probe = small_corpus.texts[-500:]
     assert weighted.p_positive(probe).mean() > plain.p_positive(probe).mean() + 0.05
 
 
 def test_a_saved_model_loads_back_as_its_kind(small_corpus: Corpus, tmp_path: Path) -> None:
-    model = build_model("tfidf_word_logreg", SMALL_PARAMS.to_dict()).fit(small_corpus.texts, small_corpus.labels)
+    model = build_model("tfidf_word_logreg", SMALL_PARAMS).fit(small_corpus.texts, small_corpus.labels)
     model.save(tmp_path / MODEL_ARTIFACT)
     loaded = load_model(tmp_path / MODEL_ARTIFACT)
     assert isinstance(loaded, WordTfidfModel) and loaded.params_dict() == model.params_dict()

@@ -10,7 +10,7 @@ import numpy as np
 from sklearn.base import clone
 
 from app.ml.data import Corpus
-from app.ml.pipeline import CompactTfidfVectorizer, build_pipeline
+from app.ml.pipeline import CompactTfidfVectorizer, ModelParams, build_pipeline
 from tests.conftest import SMALL_PARAMS
 
 
@@ -21,7 +21,7 @@ def split_bars(text: str) -> list[str]:
 def test_a_saved_pipeline_loads_back_with_the_same_vocabularies_and_probabilities(
     small_corpus: Corpus, tmp_path: Path
 ) -> None:
-    pipeline = build_pipeline(SMALL_PARAMS).fit(small_corpus.texts, small_corpus.labels)
+    pipeline = build_pipeline(ModelParams.from_dict(SMALL_PARAMS)).fit(small_corpus.texts, small_corpus.labels)
     joblib.dump(pipeline, tmp_path / "model.joblib", compress=3)
     loaded = joblib.load(tmp_path / "model.joblib")
     for (_, saved), (_, back) in zip(

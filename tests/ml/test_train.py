@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from app.ml.data import Corpus
+from app.ml.pipeline import ModelParams
 from app.ml.registry import MODEL_ARTIFACT, REFERENCE_ARTIFACT, ModelRegistry, sha256_file
 from app.ml.train import TrainingResult, split_holdout, train_and_register
 from tests.conftest import SMALL_PARAMS
@@ -37,7 +38,7 @@ def test_version_records_metrics_data_params_libraries_and_hashes(trained: Train
     assert meta["metrics"]["accuracy"] == trained.report["accuracy"]
     assert meta["data"]["fit_rows"] + meta["data"]["holdout_rows"] == meta["data"]["rows"]
     assert meta["data"]["fit_fingerprint"] != meta["data"]["holdout_fingerprint"]
-    assert meta["params"]["C"] == SMALL_PARAMS.C
+    assert meta["params"]["C"] == ModelParams().C
     assert {"scikit-learn", "nltk", "numpy", "python"} <= meta["libraries"].keys()
     assert meta["parent"] is None and meta["created_at"]
     for name, digest in meta["artifacts"].items():
@@ -52,7 +53,7 @@ def test_report_plots_are_png_files(trained: TrainingResult) -> None:
 
 def test_reference_holds_exactly_the_holdout_rows(trained: TrainingResult, small_corpus: Corpus) -> None:
     reference = json.loads((trained.version.path / REFERENCE_ARTIFACT).read_text())
-    _, holdout = split_holdout(small_corpus, 0.15, seed=SMALL_PARAMS.random_state)
+    _, holdout = split_holdout(small_corpus, 0.15, seed=0)
     assert reference["texts"] == holdout.texts
     assert np.array_equal(reference["labels"], holdout.labels)
 

@@ -1,4 +1,5 @@
-"""Operators stay in control of a retrain: their rollback wins over its promotion, and it ends by its deadline."""
+"""Operators stay in control of a retrain: their rollback or purge wins over its promotion, and it ends by its
+deadline."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import uuid
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from app.ml.data import Corpus
 from app.ml.registry import ModelRegistry
 from app.retrain import job
 from app.retrain.lock import LOCK_FD_ENV, try_lock
 from app.settings import REPO_ROOT, Settings
+from app.storage.feedback_sources import FeedbackSourceRepository
 from app.storage.repositories import Repositories
 from tests.retrain.conftest import add_feedback
 
@@ -45,6 +48,39 @@ def test_a_rollback_while_a_retrain_runs_stays_current(
     assert result.outcome == "superseded" and result.details["reason"] == "parent_not_current"
     assert result.details["parent"] == "v-second" and result.details["current_version"] == first
     assert store.get(result.candidate_version).stage == "candidate"  # type: ignore[arg-type]
+
+
+def test_a_purge_while_a_retrain_runs_stops_its_promotion(
+    store: ModelRegistry,
+    settings: Settings,
+    storage: Repositories,
+    tweets: Corpus,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`feedback purge partner` after the retrain read partner's labels, before the promotion: the candidate
+    fitted on them stays a candidate, outcome superseded (labels_purged), recorded as the job and an event."""
+    first = store.current_version()
+    add_feedback(storage.predictions, store, tweets, 0, 300, source="trusted")
+    add_feedback(storage.predictions, store, tweets, 300, 300, source="partner")
+    real_gate = job.run_gate
+    monkeypatch.setattr(job, "run_gate", lambda *a, **k: {**real_gate(*a, **k), "decision": "promote"})
+    sources = FeedbackSourceRepository(storage.database)
+    storage.jobs.create_job("job-1", "manual", "test")
+    report = job.JobReport(storage.jobs, "job-1", "manual", time.perf_counter())
+    with capture_logs() as logs:
+        result = job.retrain(settings, "job-1", "manual", settle=lambda: sources.purge("partner"))
+        report.finished(result)
+    assert result.outcome == "superseded", result.details.get("shadow")
+    assert result.details["reason"] == "labels_purged" and result.details["purged_sources"] == ["partner"]
+    assert store.current_version() == first
+    assert store.get(result.candidate_version).stage == "candidate"  # type: ignore[arg-type]
+    recorded = storage.jobs.get("job-1")
+    assert recorded is not None and recorded.outcome == "superseded"
+    assert recorded.details["reason"] == "labels_purged"
+    (superseded,) = [e for e in logs if e["event"] == "retrain_superseded"]
+    assert superseded["purged_sources"] == ["partner"]
+    events = storage.events.for_version(result.candidate_version)  # type: ignore[arg-type]
+    assert events[-1].event == "superseded" and events[-1].details["purged_sources"] == ["partner"]
 
 
 def _run_job(settings: Settings, storage: Repositories, max_seconds: float) -> tuple[str, int, float]:

@@ -24,7 +24,7 @@ RULES = ShadowRules(min_rows=100, min_agreement=0.5, max_estimated_drop=5.0)
 
 def fitted(corpus: Corpus, rows: slice, *, flip: bool = False) -> SentimentModel:
     labels = corpus.labels[rows]
-    return build_model(DEFAULT_KIND, SMALL_PARAMS.to_dict()).fit(corpus.texts[rows], 1 - labels if flip else labels)
+    return build_model(DEFAULT_KIND, SMALL_PARAMS).fit(corpus.texts[rows], 1 - labels if flip else labels)
 
 
 @pytest.fixture(scope="module")
