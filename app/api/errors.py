@@ -1,4 +1,7 @@
-"""Maps domain errors to HTTP statuses and renders every error as ``{"error": {code, message, details}}``."""
+"""Maps domain errors to HTTP statuses and renders every error as ``{"error": {code, message, details}}``.
+
+A database error no route mapped itself (SQLAlchemy's, e.g. during an outage) is ``503 storage_unavailable``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import (
@@ -85,6 +89,14 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, exc.code, exc.message, exc.details)
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A database call a route made failed (down, timed out, refused the statement): 503, as a route that maps it
+    to :class:`StorageUnavailableError` itself answers. The message is fixed: the driver's names the SQL."""
+    error = StorageUnavailableError("the database is unavailable; retry later")
+    log.error("request_failed", code=error.code, reason=type(exc).__name__)
+    return error_response(STATUS_BY_ERROR[StorageUnavailableError], error.code, error.message)
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     # Keep where and why; drop "input" (it can be a 1 MiB text) and "ctx" (may hold exception objects).
@@ -110,5 +122,6 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; unhandled exceptions are rendered by ``InternalErrorMiddleware``."""
     app.add_exception_handler(SentimentServiceError, _service_error)
+    app.add_exception_handler(SQLAlchemyError, _database_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

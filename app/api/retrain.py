@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -19,7 +20,12 @@ from app.storage.database import Database
 from app.storage.retrain_jobs import RetrainJob
 
 router = APIRouter(tags=["retrain"])
-_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (401, 413, 415, 422)}
+_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (401, 413, 415, 422, 503)}
+_ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (401, 503)}
+
+# What a job id can be: RetrainLauncher makes them as uuid4().hex. Anything else (NUL, which PostgreSQL refuses
+# even as a query parameter, or more than the column's 32 characters) names no job and never reaches the database.
+_JOB_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
 
 
 async def require_admin(request: Request, services: ServicesDep) -> None:
@@ -100,7 +106,7 @@ def _job(job: RetrainJob) -> RetrainJobOut:
     status_code=202,
     response_model=WebhookOut,
     dependencies=[Admin],
-    responses={401: {"model": ErrorOut}},
+    responses=_ADMIN_ERRORS,
     summary="Start a retrain now (admin)",
 )
 async def start_retrain(launcher: LauncherDep, database: DatabaseDep) -> JSONResponse:
@@ -113,7 +119,7 @@ async def start_retrain(launcher: LauncherDep, database: DatabaseDep) -> JSONRes
     "/v1/retrain/jobs",
     response_model=list[RetrainJobOut],
     dependencies=[Admin],
-    responses={401: {"model": ErrorOut}},
+    responses=_ADMIN_ERRORS,
     summary="Recent retrain jobs, newest first (admin)",
 )
 async def list_jobs(jobs: RetrainJobsDep, launcher: LauncherDep) -> list[RetrainJobOut]:
@@ -125,10 +131,12 @@ async def list_jobs(jobs: RetrainJobsDep, launcher: LauncherDep) -> list[Retrain
     "/v1/retrain/jobs/{job_id}",
     response_model=RetrainJobOut,
     dependencies=[Admin],
-    responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}},
+    responses={**_ADMIN_ERRORS, 404: {"model": ErrorOut}},
     summary="One retrain job (admin)",
 )
 async def get_job(job_id: str, jobs: RetrainJobsDep, launcher: LauncherDep) -> RetrainJobOut:
+    if not _JOB_ID.fullmatch(job_id):
+        raise JobNotFoundError("no such retrain job")  # not echoed: it can be 1 KiB of control bytes
     await jobs.call(launcher.reconcile)
     job = await jobs.call(jobs.get, job_id)
     if job is None:

@@ -10,9 +10,8 @@ once it is reaped: :mod:`app.monitoring.exposition`). Each gauge states how its 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
-import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -29,30 +28,9 @@ from prometheus_client.registry import Collector
 
 from app.ml.data import LABELS
 from app.monitoring import exposition
+from app.monitoring.metric_writes import WRITES
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_BULK_FROM = 8  # observe_many: fewer values than this are observed one by one
-
-
-def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
-    """``histogram.observe(v)`` for every value, with one write per touched bucket and one for the sum.
-
-    In multiprocess mode each write goes to a memory-mapped file; a 64-text batch touched the confidence
-    and length histograms 256 times. This reads prometheus_client's histogram internals (``_upper_bounds``,
-    ``_buckets``, ``_sum``, version pinned in requirements.txt); ``tests/monitoring/test_metrics.py``
-    checks the exposition against ``observe`` value by value.
-    """
-    if len(values) < _BULK_FROM:  # numpy's per-call cost outweighs the writes it saves
-        for value in values:
-            histogram.observe(value)
-        return
-    histogram._raise_if_not_observable()
-    # observe() counts a value in the first bucket whose bound is >= it; the last bound is +Inf.
-    counts = np.bincount(np.searchsorted(histogram._upper_bounds, values, side="left"))
-    for bucket, count in enumerate(counts.tolist()):
-        if count:
-            histogram._buckets[bucket].inc(count)
-    histogram._sum.inc(float(np.sum(values)))
 
 
 # Sub-millisecond to seconds: a single prediction takes ~0.3 ms of model time, a full batch a second.
@@ -98,10 +76,11 @@ MODEL_INFO = Gauge(
 )
 PREDICTION_LOG_ERRORS = Counter(
     "sentiment_prediction_log_errors_total",
-    "Prediction-log failures: write_failed (failed flushes, rows kept for retry), dropped (rows lost).",
+    "Prediction-log failures: write_failed (failed flushes, rows kept for retry; lost rows are counted in "
+    "sentiment_prediction_log_dropped_total).",
     ["reason"],
 )
-PREDICTION_LOG_ERROR_REASONS = ("write_failed", "dropped")
+PREDICTION_LOG_ERROR_REASONS = ("write_failed",)
 PREDICTION_LOG_DROPPED = Counter(
     "sentiment_prediction_log_dropped_total",
     "Predictions that never reached the prediction log, by reason: buffer_full (the buffer's bound while the "
@@ -207,6 +186,15 @@ DRIFT_MONITOR_CPU = Counter(
     "sentiment_drift_monitor_cpu_seconds_total",
     "CPU seconds (user + system, all threads) used by drift monitor processes, leading or waiting.",
 )
+# A per-start signal for the restart alert (SentimentDriftMonitorRestarting on Kubernetes, where no supervisor
+# counts restarts): each start writes a later time, so changes() counts starts, including those of a monitor
+# that dies before its first completed check. "max": a dead monitor's value stays until a newer start replaces
+# it, and the 0 that importing processes (web workers) write never hides it.
+DRIFT_MONITOR_START_TIME = Gauge(
+    "sentiment_drift_monitor_start_time_seconds",
+    "Unix time the latest drift monitor process started (0: none since the service started).",
+    multiprocess_mode="max",
+)
 # "liveall": one sample per live monitor process (a ``pid`` label), so two monitors writing one directory
 # (or a leader and a demoted one) stay distinct; a dead one's sample goes with its process (mark_process_dead,
 # compaction, a wiped directory), so a killed leader never lingers as a second 1. Across pods,
@@ -222,7 +210,9 @@ DRIFT_MONITOR_LEADER = Gauge(
 # Written by the retrain process. "In progress" is read from the retrain lock at scrape time
 # (RetrainLockCollector), so a killed retrain can never leave it stuck at 1.
 RETRAIN_TOTAL = Counter("sentiment_retrain_total", "Retrains, by trigger and outcome.", ["trigger", "outcome"])
-RETRAIN_TRIGGERS = ("alertmanager", "grafana", "manual")  # the webhook sources and POST /v1/retrain
+# The webhook sources (app.retrain.webhooks.SOURCES, which imports this module, so it cannot be read here) and
+# POST /v1/retrain; tests/monitoring/test_retrain_triggers.py fails when a source is added to one and not the other.
+RETRAIN_TRIGGERS = ("alertmanager", "grafana", "manual")
 # skipped_harmless_drift: counted by the webhook, which starts no retrain (SENTIMENT_RETRAIN_MIN_ESTIMATED_DROP_POINTS).
 RETRAIN_OUTCOMES = (
     "promoted",
@@ -272,13 +262,20 @@ def initialise_counters() -> None:
         PREDICTION_LOG_ERRORS.labels(reason=reason)
     for reason in PREDICTION_LOG_DROP_REASONS:
         PREDICTION_LOG_DROPPED.labels(reason=reason)
-    for outcome in DRIFT_CHECK_OUTCOMES:
-        DRIFT_CHECKS.labels(outcome=outcome)
+    initialise_monitor_counters()
     for trigger in RETRAIN_TRIGGERS:
         for outcome in RETRAIN_OUTCOMES:
             RETRAIN_TOTAL.labels(trigger=trigger, outcome=outcome)
     for process in SUPERVISED_PROCESSES:
         SUPERVISED_RESTARTS.labels(process=process)
+
+
+def initialise_monitor_counters() -> None:
+    """The drift monitor's labelled counters at 0 (checks by outcome, rollbacks by reason), as
+    :func:`initialise_counters` writes them: the monitor calls this at start, so where it serves its own
+    ``/metrics`` (its Kubernetes pod) these series exist before their first increment too."""
+    for outcome in DRIFT_CHECK_OUTCOMES:
+        DRIFT_CHECKS.labels(outcome=outcome)
     for reason in MODEL_ROLLBACK_REASONS:
         MODEL_ROLLBACKS.labels(reason=reason)
 
@@ -309,6 +306,7 @@ def render(extra: Collector | None = None) -> tuple[bytes, str]:
     aggregates of dead processes consistently with compactions, and compacts first when dead files piled up);
     otherwise the default registry is served.
     """
+    WRITES.flush()  # this process's writes of the loop iteration in progress
     registry = CollectorRegistry()
     if extra is not None:
         registry.register(extra)

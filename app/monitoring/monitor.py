@@ -53,7 +53,7 @@ from app.monitoring.report import estimate_details
 from app.monitoring.watch import PromotionWatch
 from app.settings import Settings
 from app.storage.database import Database
-from app.storage.drift_checks import DriftCheckRepository
+from app.storage.drift_checks import DriftCheck, DriftCheckRepository
 from app.storage.predictions import PredictionRepository, WindowRow
 
 log = structlog.get_logger("app.monitoring.monitor")
@@ -195,12 +195,14 @@ class DriftMonitor:
         return self.detector
 
     def cpu_share(self) -> float:
-        """The share of one core checks may use now: ``drift_max_cpu_share`` on an idle host, falling linearly
-        with the host's idle share (:class:`app.monitoring.host.HostIdle`) to ``drift_busy_cpu_share`` on a
-        saturated one, where every cycle the monitor takes is one the web workers lose (never above
-        ``drift_max_cpu_share``, should the busy share be set higher)."""
+        """The share of one core checks may use now: ``drift_max_cpu_share`` on an idle host, falling with the
+        square of the host's idle share (:class:`app.monitoring.host.HostIdle`) to ``drift_busy_cpu_share`` on
+        a saturated one, where every cycle the monitor takes is one the web workers lose (never above
+        ``drift_max_cpu_share``, should the busy share be set higher). The square keeps a host that is mostly
+        busy (wrk's and the workers' own pauses leave a saturated 2-core host 10-20 % idle) near the busy
+        share, and a lightly loaded one (50 req/s leaves it about 90 % idle) near the idle share."""
         busy, most = self.settings.drift_busy_cpu_share, self.settings.drift_max_cpu_share
-        return min(most, busy + (most - busy) * self.host_idle)
+        return min(most, busy + (most - busy) * self.host_idle**2)
 
     def min_interval(self) -> float:
         """Least time between the starts of two checks: ``drift_min_check_interval_seconds``, or the last check's
@@ -236,6 +238,8 @@ class DriftMonitor:
             return None
 
     def check(self, version: str) -> DriftResult:
+        """Test ``version``'s latest window, then store, export and log the result (:meth:`_estimate`,
+        :meth:`_explained`, :meth:`_publish`)."""
         started = time.perf_counter()
         detector = self.detector_for(version)
         # After building the detector: a version's one-off model load is not what the next check will cost.
@@ -244,38 +248,11 @@ class DriftMonitor:
         result, window = detector.check_window(rows)
         self.last_check_at = time.time()
         self.last_seen = max((r.created_at for r in rows), default=self.last_seen)
-        record = result.record()
-        estimate = None
-        if window is not None and self.reference_accuracy is not None:
-            estimate = estimate_accuracy(window.p_positive)
-            record = replace(
-                record,
-                details={**record.details, **estimate_details(self.reference_accuracy, estimate.method)},
-                estimated_accuracy=estimate.estimate,
-                estimated_accuracy_low=estimate.low,
-                estimated_accuracy_high=estimate.high,
-            )
-            export_estimate(version, estimate, self.reference_accuracy)
-        explanation = None
-        if window is not None and self._explain_due(result, version):
-            self.explained_through = self.last_seen
-            explanation = self._explain(detector, rows, window)
-            if explanation is not None:
-                record = replace(record, explanation=explanation.to_dict())
+        record, estimate = self._estimate(version, result.record(), window)
+        record, explanation = self._explained(detector, result, record, rows, window)
         self.flagged = result.drift
         check_id = self.drift_checks.insert(record)
-        if explanation is not None:
-            metrics.DRIFT_EXPLAINED_CHECK_ID.set(check_id)
-            log.info(
-                "drift_explained",
-                model_version=version,
-                check_id=check_id,
-                domain_auc=explanation.domain_auc,
-                seconds=explanation.seconds,
-            )
-        export(result, detector.names)
-        metrics.DRIFT_CHECKS.labels(outcome=result.status).inc()
-        metrics.DRIFT_LAST_CHECK.set(self.last_check_at)
+        self._publish(detector, result, check_id, explanation)
         metrics.DRIFT_CHECK_DURATION.observe(time.perf_counter() - started)
         self.last_check_cpu = time.process_time() - cpu_started
         metrics.DRIFT_CHECK_MIN_INTERVAL.set(self.min_interval())
@@ -291,6 +268,58 @@ class DriftMonitor:
             check_id=check_id,
         )
         return result
+
+    def _estimate(
+        self, version: str, record: DriftCheck, window: Window | None
+    ) -> tuple[DriftCheck, AccuracyEstimate | None]:
+        """A full window's label-free accuracy estimate, added to the check's record and exported (None and the
+        record unchanged when the window is not full or the reference has no estimate)."""
+        if window is None or self.reference_accuracy is None:
+            return record, None
+        estimate = estimate_accuracy(window.p_positive)
+        record = replace(
+            record,
+            details={**record.details, **estimate_details(self.reference_accuracy, estimate.method)},
+            estimated_accuracy=estimate.estimate,
+            estimated_accuracy_low=estimate.low,
+            estimated_accuracy_high=estimate.high,
+        )
+        export_estimate(version, estimate, self.reference_accuracy)
+        return record, estimate
+
+    def _explained(
+        self,
+        detector: DriftDetector,
+        result: DriftResult,
+        record: DriftCheck,
+        rows: Sequence[WindowRow],
+        window: Window | None,
+    ) -> tuple[DriftCheck, DriftExplanation | None]:
+        """The record with an explanation of the drift when one is due (:meth:`_explain_due`) and succeeds."""
+        if window is None or not self._explain_due(result, detector.model_version):
+            return record, None
+        self.explained_through = self.last_seen
+        explanation = self._explain(detector, rows, window)
+        if explanation is None:
+            return record, None
+        return replace(record, explanation=explanation.to_dict()), explanation
+
+    def _publish(
+        self, detector: DriftDetector, result: DriftResult, check_id: int, explanation: DriftExplanation | None
+    ) -> None:
+        """Export the stored check ``check_id`` as the drift gauges and counters (and its explanation's id)."""
+        if explanation is not None:
+            metrics.DRIFT_EXPLAINED_CHECK_ID.set(check_id)
+            log.info(
+                "drift_explained",
+                model_version=detector.model_version,
+                check_id=check_id,
+                domain_auc=explanation.domain_auc,
+                seconds=explanation.seconds,
+            )
+        export(result, detector.names)
+        metrics.DRIFT_CHECKS.labels(outcome=result.status).inc()
+        metrics.DRIFT_LAST_CHECK.set(self.last_check_at)
 
     def _explain_due(self, result: DriftResult, version: str) -> bool:
         """Explain the first check that flags drift after one that did not, then at most once per
@@ -445,19 +474,29 @@ def _lower_priority(drift_backend: str) -> None:
     os.nice(19)
 
 
+def announce_start() -> None:
+    """What a monitor process writes first: its labelled counters at 0, so the first rollback or failed check
+    shows in ``increase()`` on its own pod's ``/metrics`` too, and its start time, the per-start signal of
+    ``SentimentDriftMonitorRestarting`` (a monitor that dies before its first check still changes it)."""
+    metrics.initialise_monitor_counters()
+    metrics.DRIFT_MONITOR_START_TIME.set(time.time())
+
+
 def main() -> None:
     from app.logs import configure_logging
 
     settings = Settings()
     configure_logging(settings.log_level)
     _lower_priority(settings.drift_backend)
+    announce_start()
+    # Served before the monitor connects: a start that fails there (the database is down) can be scraped too.
+    if settings.monitor_metrics_port is not None:
+        metrics.serve(settings.monitor_metrics_port, settings.monitor_metrics_host)
+        log.info("monitor_metrics_serving", host=settings.monitor_metrics_host, port=settings.monitor_metrics_port)
     try:
         monitor = DriftMonitor(settings)
     except DatabaseSchemaBehindError:  # logged as database_schema_behind, with the command to run
         raise SystemExit(2) from None
-    if settings.monitor_metrics_port is not None:
-        metrics.serve(settings.monitor_metrics_port, settings.monitor_metrics_host)
-        log.info("monitor_metrics_serving", host=settings.monitor_metrics_host, port=settings.monitor_metrics_port)
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("drift_monitor_signal", signal=signal.Signals(signum).name)

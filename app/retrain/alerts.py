@@ -17,9 +17,9 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol
+from typing import Annotated, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from app.errors import SentimentServiceError
 
@@ -36,16 +36,43 @@ class WebhookConfigurationError(SentimentServiceError):
     code = "webhook_auth_unset"
 
 
+IDENTITY_MAX_CHARS = 255
+"""Longest alert identity the de-duplication table stores (``webhook_alerts.identity``, ``String(255)``)."""
+
+
+def _no_nul(value: str) -> str:
+    # As the API's texts (app/api/schemas.py): PostgreSQL text cannot hold NUL, and psycopg refuses it even as
+    # a query parameter, so a NUL reaching the alert de-duplication would be a 500 instead of a 422.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters (U+0000)")
+    return value
+
+
+IdentityText = Annotated[str, AfterValidator(_no_nul)]
+"""A string that goes into an alert's identity: no NUL (U+0000)."""
+
+
 class Alert(BaseModel):
-    """One alert of a notification (fields common to Alertmanager and Grafana)."""
+    """One alert of a notification (fields common to Alertmanager and Grafana).
+
+    The fields that make its :attr:`identity` (``fingerprint``, ``startsAt``, ``labels``) carry no NUL and the
+    identity fits the de-duplication table: anything else is not a notification either sender makes (their
+    fingerprints are 16 hex digits, their times RFC 3339), and answers 422.
+    """
 
     model_config = ConfigDict(extra="allow")
     status: Literal["firing", "resolved"]
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[IdentityText, IdentityText] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
-    startsAt: str = ""
+    startsAt: IdentityText = Field("", max_length=64)
     endsAt: str = ""
-    fingerprint: str = ""
+    fingerprint: IdentityText = Field("", max_length=128)
+
+    @model_validator(mode="after")
+    def _identity_fits(self) -> Alert:
+        if len(self.identity) > IDENTITY_MAX_CHARS:
+            raise ValueError(f"fingerprint (or labels) and startsAt exceed {IDENTITY_MAX_CHARS} characters")
+        return self
 
     @property
     def name(self) -> str:

@@ -15,6 +15,11 @@ Three guards, all shared by every worker of every instance:
 - The cooldown is read from the same table, in the same statement as the insert: no job is recorded while
   the latest one started less than ``cooldown_seconds`` ago, whatever its outcome (a firing whose retrain
   did not promote is released, and its re-sends retry at most once per cooldown).
+
+``SENTIMENT_RETRAIN_MAX_SECONDS`` is enforced twice. The retrain's own watchdog (:mod:`app.retrain.job`) ends
+it from inside; a process that watchdog cannot end (stuck in C code holding the GIL, stopped) is killed from
+outside once its job has run :data:`OVERTIME_GRACE_SECONDS` longer (:func:`end_overtime`): by the worker that
+started it, and by :meth:`RetrainLauncher.reconcile` for any retrain process of this host.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -34,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from app.monitoring import metrics
 from app.retrain.lock import CachedProbe, RetrainLock, for_database
-from app.settings import REPO_ROOT
+from app.settings import REPO_ROOT, Settings
 from app.storage.retrain_jobs import RetrainJobRepository
 
 log = structlog.get_logger(__name__)
@@ -46,6 +53,14 @@ DIED_UNREPORTED = "the retrain process ended without reporting (killed?)"
 STARTUP_GRACE_SECONDS = 120.0
 """On PostgreSQL a retrain process takes the lock itself once it runs: until then its job is running without
 a lock holder. Only a job older than this without one has died (the worker that started it reaps it sooner)."""
+OVERTIME_GRACE_SECONDS = STARTUP_GRACE_SECONDS + 60.0
+"""How long past ``SENTIMENT_RETRAIN_MAX_SECONDS`` (counted from its job's start) a retrain process may live
+before it is killed from outside: at idle priority it may take STARTUP_GRACE_SECONDS to start its watchdog,
+which then waits up to 60 s for a promotion in progress before it exits the process itself."""
+KILL_WAIT_SECONDS = 5.0
+"""How long a kill waits for the killed process to exit (its files closed: the flock is free)."""
+JOB_MODULE = b"app.retrain.job"
+PROC = Path("/proc")
 # One BLAS/OpenMP thread: a retrain must leave the second core to the web workers, not spin on it.
 SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SETTINGS_PREFIX = "SENTIMENT_"
@@ -102,6 +117,13 @@ def idle_priority() -> list[str]:
 MODES = ("spawn", "queue")
 
 
+def max_run_seconds(job_env: Mapping[str, str]) -> float:
+    """The ``SENTIMENT_RETRAIN_MAX_SECONDS`` a retrain started with the settings ``job_env`` runs under (it
+    inherits no other ``SENTIMENT_*`` variable: the default otherwise)."""
+    raw = job_env.get("SENTIMENT_RETRAIN_MAX_SECONDS")
+    return float(raw) if raw else float(Settings.model_fields["retrain_max_seconds"].default)
+
+
 def spawn_job(job_id: str, trigger: str, job_env: Mapping[str, str], lock: RetrainLock) -> subprocess.Popen[bytes]:
     """Start ``python -m app.retrain.job JOB_ID --trigger T`` for a job recorded as running, at idle priority
     with one BLAS thread and only the allow-listed settings. ``lock`` is the caller's fresh handle: held
@@ -129,6 +151,103 @@ def record_unreported_exit(jobs: RetrainJobRepository, job_id: str, code: int) -
     return True
 
 
+def overtime_error(max_seconds: float) -> str:
+    return (
+        f"the retrain process exceeded the maximum run time (SENTIMENT_RETRAIN_MAX_SECONDS={max_seconds:g} s,"
+        " plus a grace period) and was killed"
+    )
+
+
+def _job_of(cmdline: Path) -> str | None:
+    """The job id of a ``python -m app.retrain.job JOB_ID`` command line (``/proc/PID/cmdline``), or None."""
+    try:
+        argv = cmdline.read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for i in range(len(argv) - 2):
+        if argv[i] == b"-m" and argv[i + 1] == JOB_MODULE:
+            return argv[i + 2].decode(errors="replace")
+    return None
+
+
+def retrain_processes(proc: Path = PROC) -> dict[str, list[int]]:
+    """The retrain processes of this host (this pid namespace, read in ``/proc``): their pids by job id."""
+    found: dict[str, list[int]] = {}
+    with contextlib.suppress(OSError), os.scandir(proc) as entries:
+        for entry in entries:
+            job_id = _job_of(Path(entry.path, "cmdline")) if entry.name.isdigit() else None
+            if job_id is not None:
+                found.setdefault(job_id, []).append(int(entry.name))
+    return found
+
+
+def _exited(pid: int) -> bool:
+    """``pid`` is gone, or a zombie (which has closed its files, the retrain flock included)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL ``pid``'s process group if it leads one (a retrain starts its own session), else ``pid`` alone;
+    wait up to :data:`KILL_WAIT_SECONDS` for it to exit."""
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_WAIT_SECONDS
+    while not _exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _fail_overtime(jobs: RetrainJobRepository, job_id: str, max_seconds: float) -> bool:
+    """Record the job failed for running past its time, if it is still running; whether it was."""
+    job = jobs.get(job_id)
+    if job is None or job.status != "running":
+        return False
+    jobs.finish_job(job_id, "failed", "failed", {"error": overtime_error(max_seconds), "reason": "overtime"})
+    metrics.RETRAIN_TOTAL.labels(trigger=job.trigger, outcome="failed").inc()
+    return True
+
+
+def end_overtime(jobs: RetrainJobRepository, job_id: str, pid: int, max_seconds: float) -> None:
+    """Kill ``pid``, the retrain process of ``job_id``, which ran past ``max_seconds`` and the grace period.
+
+    The job is recorded failed first, so the parent that reaps the killed process finds it ended and leaves
+    the record alone; if the database refuses (a stopped process may hold SQLite's write lock), after the
+    kill. The retrain lock goes with the process (the kernel closes its flock, the server its session).
+    """
+    try:
+        recorded: bool | None = _fail_overtime(jobs, job_id, max_seconds)
+    except SQLAlchemyError:
+        recorded = None
+    kill_group(pid)
+    if recorded is None:
+        recorded = _fail_overtime(jobs, job_id, max_seconds)
+    log.error("retrain_killed_overtime", job_id=job_id, retrain_pid=pid, max_seconds=max_seconds, recorded=recorded)
+
+
+def end_overtime_jobs(
+    jobs: RetrainJobRepository, max_seconds: float, grace_seconds: float = OVERTIME_GRACE_SECONDS
+) -> list[str]:
+    """Kill every retrain process of this host whose job started more than ``max_seconds + grace_seconds``
+    ago (:func:`end_overtime`), whatever its job's status (one that reported but hangs still holds the
+    lock); the ids of those jobs. A process of no recorded job (run by hand) is left alone."""
+    deadline = time.time() - max_seconds - grace_seconds
+    ended = []
+    for job_id, pids in retrain_processes().items():
+        job = jobs.get(job_id)
+        if job is None or job.started_at >= deadline:
+            continue
+        for pid in pids:
+            end_overtime(jobs, job_id, pid, max_seconds)
+        ended.append(job_id)
+    return ended
+
+
 class RetrainLauncher:
     def __init__(
         self,
@@ -139,6 +258,7 @@ class RetrainLauncher:
         *,
         lock: RetrainLock | None = None,
         mode: str = "spawn",
+        overtime_grace_seconds: float = OVERTIME_GRACE_SECONDS,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"retrain mode {mode!r} is not one of {MODES}")
@@ -149,6 +269,9 @@ class RetrainLauncher:
         # The service's settings (``Settings.as_env()``), so the job reads the same model store and prediction
         # database; only the allow-listed ones reach it (``job_environment``).
         self.job_env = job_env or {}
+        self.max_seconds = max_run_seconds(self.job_env)
+        """The retrain's own limit (``SENTIMENT_RETRAIN_MAX_SECONDS`` of ``job_env``), enforced from outside too."""
+        self.overtime_grace_seconds = overtime_grace_seconds
         self.lock = lock or for_database(jobs.database.url, store_root, engine=jobs.engine)
         self.in_progress = CachedProbe(self.lock.held_elsewhere, self.lock.probe_seconds)
         """``sentiment_retrain_in_progress``, read from the lock at scrape time."""
@@ -158,7 +281,9 @@ class RetrainLauncher:
         return None if self.lock.hands_over else now - STARTUP_GRACE_SECONDS
 
     def reconcile(self) -> None:
-        """Jobs recorded as running while nobody holds the lock died without saying so."""
+        """A retrain process of this host past its maximum run time is killed and its job failed; jobs recorded
+        as running while nobody holds the lock died without saying so."""
+        end_overtime_jobs(self.jobs, self.max_seconds, self.overtime_grace_seconds)
         if not self.lock.held_elsewhere():
             failed = self.jobs.fail_running_jobs(DIED_UNREPORTED, started_before=self._stale_before(time.time()))
             if failed:
@@ -243,6 +368,16 @@ class RetrainLauncher:
         return job_id if created else None
 
     def _reap(self, process: subprocess.Popen[bytes], job_id: str) -> None:
+        overdue = threading.Timer(self.max_seconds + self.overtime_grace_seconds, self._overdue, (process, job_id))
+        overdue.daemon = True
+        overdue.start()
         code = process.wait()
+        overdue.cancel()
         with contextlib.suppress(Exception):
             record_unreported_exit(self.jobs, job_id, code)
+
+    def _overdue(self, process: subprocess.Popen[bytes], job_id: str) -> None:
+        """The child still runs past its time: kill it (not yet reaped, its pid cannot name another process)."""
+        if process.returncode is None:
+            with contextlib.suppress(Exception):
+                end_overtime(self.jobs, job_id, process.pid, self.max_seconds)

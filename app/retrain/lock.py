@@ -94,9 +94,10 @@ class RetrainLock(ABC):
 
 
 def try_lock(store_root: Path) -> int | None:
-    """The retrain flock, taken without waiting: its locked descriptor, or None while another process holds it."""
+    """The retrain flock, taken without waiting: its locked descriptor, or None while another process holds it.
+    Read-only (``flock`` needs no more): only a store without its lock file yet is written, to create it."""
     store_root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store_root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(store_root / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -106,11 +107,12 @@ def try_lock(store_root: Path) -> int | None:
 
 
 def retrain_running(store_root: Path) -> bool:
-    """True while some process holds the retrain flock."""
+    """True while some process holds the retrain flock. Reads only: ``flock`` needs no write access, so a
+    worker probing a read-only store (``sentiment_retrain_in_progress``) neither needs nor takes any."""
     path = store_root / LOCK_FILE
     if not path.exists():
         return False
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

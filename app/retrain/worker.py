@@ -9,7 +9,10 @@ SQLite it takes the store's flock before claiming and hands it to the child; on 
 advisory lock and the child takes it. A crashed, killed or timed-out retrain ends its own process, never the
 worker's, and its memory goes back to the system; the worker records a retrain that died without reporting as
 failed and claims the next job. Any number of workers may run: the unique index on the one ``running`` job
-and the retrain lock let one retrain run at a time.
+and the retrain lock let one retrain run at a time. A retrain that outlives ``SENTIMENT_RETRAIN_MAX_SECONDS``
+and its grace period (its own watchdog could not end it) is killed by the worker that follows it, and one of
+this host that no worker follows (its worker was restarted) by any worker that finds the lock held
+(:func:`~app.retrain.launcher.end_overtime`).
 
 SIGTERM stops claiming; the running retrain gets ``SENTIMENT_RETRAIN_WORKER_STOP_SECONDS`` to finish, after
 which the worker ends it and puts its job back in the queue for the next worker (a retrain that already
@@ -23,7 +26,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -32,7 +35,10 @@ from app.migrations import DatabaseSchemaBehindError, require_current
 from app.monitoring import metrics
 from app.retrain.launcher import (
     DIED_UNREPORTED,
+    OVERTIME_GRACE_SECONDS,
     STARTUP_GRACE_SECONDS,
+    end_overtime,
+    end_overtime_jobs,
     record_unreported_exit,
     spawn_job,
 )
@@ -53,6 +59,7 @@ class Running:
     job_id: str
     trigger: str
     process: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.monotonic)
 
 
 class RetrainWorker:
@@ -67,6 +74,7 @@ class RetrainWorker:
         self.job_env = settings.as_env()  # only the launcher's allow-list reaches the retrain process
         self.stopping = threading.Event()
         self.current: Running | None = None
+        self.overtime_grace_seconds = OVERTIME_GRACE_SECONDS
 
     def step(self) -> None:
         """One poll: follow the running retrain; once there is none, claim and start the oldest queued job."""
@@ -80,16 +88,28 @@ class RetrainWorker:
         assert self.current is not None
         code = self.current.process.poll()
         if code is None:
-            return
+            if not self._overdue(self.current):
+                return
+            code = self.current.process.wait()
         job, self.current = self.current, None
         if record_unreported_exit(self.jobs, job.job_id, code):
             metrics.RETRAIN_TOTAL.labels(trigger=job.trigger, outcome="failed").inc()
         log.info("retrain_worker_job_ended", job_id=job.job_id, exit_code=code)
 
+    def _overdue(self, job: Running) -> bool:
+        """Kill the followed retrain if it runs past its maximum time and grace period; whether it did."""
+        max_seconds = self.settings.retrain_max_seconds
+        if time.monotonic() - job.started < max_seconds + self.overtime_grace_seconds:
+            return False
+        end_overtime(self.jobs, job.job_id, job.process.pid, max_seconds)  # not yet reaped: still its pid
+        return True
+
     def _claim(self) -> None:
         lock = self.lock.fresh()
-        # As the launcher: a retrain that holds the lock (another worker's, or one a web worker spawned) goes first.
+        # As the launcher: a retrain that holds the lock (another worker's, or one a web worker spawned) goes first;
+        # one of this host past its time (its worker restarted since) is killed.
         if not (lock.try_acquire() if lock.hands_over else not lock.held_elsewhere()):
+            end_overtime_jobs(self.jobs, self.settings.retrain_max_seconds, self.overtime_grace_seconds)
             return
         try:
             now = time.time()

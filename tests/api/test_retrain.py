@@ -180,7 +180,7 @@ def test_every_registered_source_has_its_route_documented_with_its_payload(hooks
         schema = operation["requestBody"]["content"]["application/json"]["schema"]
         assert schema["title"] == source.payload.__name__ and operation["summary"] == source.summary
         assert schema["properties"]["alerts"]["items"]["properties"]["status"]["enum"] == ["firing", "resolved"]
-        assert {"202", "401", "422"} <= operation["responses"].keys()
+        assert {"202", "401", "422", "503"} <= operation["responses"].keys()
 
 
 class ProbeNotification(Notification):

@@ -2,8 +2,10 @@
 2xx, 401, 403 or 422, never a 5xx, and only the right credentials get a 2xx.
 
 In-process (``TestClient(create_app(settings))``) for speed, with a bearer token, the admin token and
-Grafana's HMAC secret over ``<timestamp>:<body>``. The jobs table holds a retrain that started just now
-and the cooldown is a day, so a request that does get through never starts a retrain.
+Grafana's HMAC secret over ``<timestamp>:<body>``; then, with fewer examples, against the real gunicorn
+service (``tests/integration/services.py``), where every answer must also have a JSON body. The jobs table
+holds a retrain that started just now and the cooldown is a day, so a request that does get through never
+starts a retrain.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import base64
 import hashlib
 import hmac
 import json
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, example, given
@@ -23,10 +28,12 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from app.main import create_app
+from app.ml.registry import ModelRegistry
 from app.settings import Settings
 from app.storage.database import Database
 from app.storage.retrain_jobs import RetrainJobRepository
 from tests.conftest import ADMIN_TOKEN, WEBHOOK_TOKEN
+from tests.integration.services import Service, start_service
 
 HMAC_SECRET = "fuzz-hmac-secret"
 SIGNATURE = "X-Grafana-Alerting-Signature"
@@ -44,6 +51,10 @@ PROPERTY = hypothesis_settings(
     phases=[Phase.explicit, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+SERVED = hypothesis_settings(PROPERTY, max_examples=120)
+"""Against gunicorn: 120 examples per property (with the server's start, about 15 s for the module)."""
+SEEDED_JOB = "cooldown"
+Wire = Callable[[bytes], bytes]
 
 
 @dataclass(frozen=True)
@@ -140,13 +151,59 @@ def hooks(settings: Settings) -> Iterator[TestClient]:
             "retrain_cooldown_seconds": 86400.0,
         }
     )
-    seeded = Database(signed.prediction_log_url)  # a retrain that just ended: the cooldown runs
-    jobs = RetrainJobRepository(seeded)
-    jobs.create_job("cooldown", "manual", "seeded", time.time())
-    jobs.finish_job("cooldown", "succeeded", "skipped_no_new_labels", {})
-    seeded.dispose()
+    _seed_cooldown(signed.prediction_log_url)
     with TestClient(create_app(signed), raise_server_exceptions=False) as client:
         yield client
+
+
+def _seed_cooldown(url: str) -> None:
+    """A retrain that just ended: the cooldown runs, and no request gets to start one."""
+    seeded = Database(url)
+    jobs = RetrainJobRepository(seeded)
+    jobs.create_job(SEEDED_JOB, "manual", "seeded", time.time())
+    jobs.finish_job(SEEDED_JOB, "succeeded", "skipped_no_new_labels", {})
+    seeded.dispose()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, _session_store: tuple[Path, list[str]]) -> Iterator[Service]:
+    """The real gunicorn (two workers) over a private store copy, configured as ``hooks``."""
+    workdir = tmp_path_factory.mktemp("webhook-auth")
+    shutil.copytree(_session_store[0], workdir / "model_store")
+    service = start_service(
+        ModelRegistry(workdir / "model_store"),
+        workdir / "gunicorn.log",
+        SENTIMENT_WEBHOOK_TOKEN=WEBHOOK_TOKEN,
+        SENTIMENT_ADMIN_TOKEN=ADMIN_TOKEN,
+        SENTIMENT_GRAFANA_HMAC_SECRET=HMAC_SECRET,
+        SENTIMENT_GRAFANA_TIMESTAMP_HEADER=TIMESTAMP,
+        SENTIMENT_RETRAIN_COOLDOWN_SECONDS="86400",
+    )
+    _seed_cooldown(_database_url(service))
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def served_hooks(served: Service) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served.url, timeout=30) as client:
+        yield client
+
+
+def _database_url(service: Service) -> str:
+    return f"sqlite:///{Path(service.env['SENTIMENT_STATE_DIR']) / 'predictions.db'}"
+
+
+def _as_sent(value: bytes) -> bytes:
+    """In-process, a header value reaches the app as generated."""
+    return value
+
+
+def _on_the_wire(value: bytes) -> bytes:
+    """A header value as a real client sends it: no control character (the server's HTTP parser answers 400
+    before the app sees one; the client, h11, refuses most) and no surrounding whitespace (h11 refuses it,
+    and the parser would strip it)."""
+    return bytes(b for b in value if b == 0x09 or 0x20 <= b != 0x7F).strip(b" \t")
 
 
 def _is_bearer(value: bytes | None, token: str) -> bool:
@@ -166,6 +223,21 @@ def _describe(response_status: int, headers: dict[str, bytes], body: bytes, text
         for name, value in headers.items()
     }
     return f"status {response_status} for headers={shown!r} body={body[:120]!r}: {text[:200]}"
+
+
+def _judge(response: httpx.Response, headers: dict[str, bytes], body: bytes, valid: bool) -> str | None:
+    """What is wrong with ``response`` (None: nothing): a status other than 2xx, 401, 403 or 422, a 2xx to
+    invalid credentials, or a body that is not JSON."""
+    described = _describe(response.status_code, headers, body, response.text)
+    if not (response.status_code < 300 or response.status_code in ALLOWED):
+        return described
+    if response.status_code < 300 and not valid:
+        return "accepted without every credential: " + described
+    try:
+        response.json()
+    except ValueError:
+        return "not JSON: " + described
+    return None
 
 
 def _report(bad: list[str]) -> str:
@@ -196,12 +268,11 @@ def _grafana_headers(
     return headers
 
 
-def test_grafana_webhook_answers_only_2xx_401_403_422_and_2xx_only_with_every_credential(hooks: TestClient) -> None:
-    """Arbitrary Authorization, signature, timestamp and body on the Grafana webhook: never a 5xx; a 2xx
-    only with the bearer token, a fresh timestamp and the right signature."""
+def _grafana_property(client: httpx.Client, wire: Wire, examples: hypothesis_settings) -> list[str]:
+    """Arbitrary Authorization, signature, timestamp and body on the Grafana webhook: the bad answers."""
     bad: list[str] = []
 
-    @PROPERTY
+    @examples
     @given(
         auth=authorization,
         stamp=timestamps,
@@ -211,53 +282,88 @@ def test_grafana_webhook_answers_only_2xx_401_403_422_and_2xx_only_with_every_cr
         body=bodies,
     )
     def check(auth: Header, stamp: tuple[str | None, bool], signature: str | None, body: bytes) -> None:
-        headers = _grafana_headers(auth, stamp, signature, body)
-        response = hooks.post("/v1/webhooks/grafana", content=body, headers=headers)
-        described = _describe(response.status_code, headers, body, response.text)
-        if not (response.status_code < 300 or response.status_code in ALLOWED):
-            bad.append(described)
-        elif response.status_code < 300 and not (
-            _is_bearer(auth.value, WEBHOOK_TOKEN) and stamp[1] and signature == "valid"
-        ):
-            bad.append("accepted without every credential: " + described)
+        headers = {name: wire(value) for name, value in _grafana_headers(auth, stamp, signature, body).items()}
+        response = client.post("/v1/webhooks/grafana", content=body, headers=headers)
+        valid = _is_bearer(headers.get("Authorization"), WEBHOOK_TOKEN) and stamp[1] and signature == "valid"
+        if (wrong := _judge(response, headers, body, valid)) is not None:
+            bad.append(wrong)
 
     for hostile in HOSTILE_STAMPS:  # each known-hostile timestamp at least once, every other credential right
         check = example(auth=_VALID_AUTH, stamp=(hostile, False), signature="valid", body=b"{}")(check)
     check()
-    assert bad == [], _report(bad)
+    return bad
 
 
-@pytest.mark.parametrize("route", ["/v1/webhooks/alertmanager", "/v1/retrain", "/v1/retrain/jobs"])
-def test_bearer_routes_answer_only_2xx_401_403_422_and_2xx_only_with_their_token(hooks: TestClient, route: str) -> None:
-    """Arbitrary Authorization headers (and bodies, with Grafana's headers thrown in) on the Alertmanager
-    webhook and the admin routes: never a 5xx, and a 2xx only with that route's own token."""
+def _bearer_property(client: httpx.Client, route: str, wire: Wire, examples: hypothesis_settings) -> list[str]:
+    """Arbitrary Authorization headers (and bodies, with Grafana's headers thrown in) on a bearer route: the
+    bad answers."""
     token = WEBHOOK_TOKEN if "webhooks" in route else ADMIN_TOKEN
+    bad: list[str] = []
 
-    @PROPERTY
+    @examples
     @given(
         auth=authorization, body=bodies, extra=st.dictionaries(st.sampled_from([SIGNATURE, TIMESTAMP]), _header_text)
     )
     def check(auth: Header, body: bytes, extra: dict[str, str]) -> None:
         headers = {"Content-Type": b"application/json", **{k: _latin1_or_utf8(v) for k, v in extra.items()}}
-        valid = False
         if auth.value is not None:
-            value = auth.value.replace(WEBHOOK_TOKEN.encode(), token.encode()) if auth.valid else auth.value
-            headers["Authorization"] = value
-            valid = _is_bearer(value, token)
+            headers["Authorization"] = (
+                auth.value.replace(WEBHOOK_TOKEN.encode(), token.encode()) if auth.valid else auth.value
+            )
+        headers = {name: wire(value) for name, value in headers.items()}
         if route == "/v1/retrain/jobs":
-            response = hooks.get(route, headers=headers)
+            response = client.get(route, headers=headers)
         else:
-            response = hooks.post(route, content=body, headers=headers)
+            response = client.post(route, content=body, headers=headers)
+        if (wrong := _judge(response, headers, body, _is_bearer(headers.get("Authorization"), token))) is not None:
+            bad.append(wrong)
 
-        described = _describe(response.status_code, headers, body, response.text)
-        if not (response.status_code < 300 or response.status_code in ALLOWED):
-            bad.append(described)
-        elif response.status_code < 300 and not valid:
-            bad.append("accepted without the token: " + described)
-
-    bad: list[str] = []
     check()
+    return bad
+
+
+BEARER_ROUTES = ["/v1/webhooks/alertmanager", "/v1/retrain", "/v1/retrain/jobs"]
+
+
+def test_grafana_webhook_answers_only_2xx_401_403_422_and_2xx_only_with_every_credential(hooks: TestClient) -> None:
+    """Arbitrary Authorization, signature, timestamp and body on the Grafana webhook: never a 5xx; a 2xx
+    only with the bearer token, a fresh timestamp and the right signature."""
+    bad = _grafana_property(hooks, _as_sent, PROPERTY)
     assert bad == [], _report(bad)
+
+
+@pytest.mark.parametrize("route", BEARER_ROUTES)
+def test_bearer_routes_answer_only_2xx_401_403_422_and_2xx_only_with_their_token(hooks: TestClient, route: str) -> None:
+    """Arbitrary Authorization headers (and bodies, with Grafana's headers thrown in) on the Alertmanager
+    webhook and the admin routes: never a 5xx, and a 2xx only with that route's own token."""
+    bad = _bearer_property(hooks, route, _as_sent, PROPERTY)
+    assert bad == [], _report(bad)
+
+
+@pytest.mark.integration
+def test_gunicorn_grafana_webhook_answers_only_2xx_401_403_422_with_json(served_hooks: httpx.Client) -> None:
+    """The Grafana property against the real gunicorn, with headers as a real client sends them: never a
+    5xx or a parser's 400, a 2xx only with every credential, and a JSON body every time."""
+    bad = _grafana_property(served_hooks, _on_the_wire, SERVED)
+    assert bad == [], _report(bad)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("route", BEARER_ROUTES)
+def test_gunicorn_bearer_routes_answer_only_2xx_401_403_422_with_json(served_hooks: httpx.Client, route: str) -> None:
+    """The bearer property against the real gunicorn: never a 5xx, a 2xx only with the route's token, JSON."""
+    bad = _bearer_property(served_hooks, route, _on_the_wire, SERVED)
+    assert bad == [], _report(bad)
+
+
+@pytest.mark.integration
+def test_no_request_to_gunicorn_started_a_retrain(served: Service) -> None:
+    """After every property against gunicorn, the jobs table holds the seeded job only."""
+    database = Database(_database_url(served))
+    try:
+        assert [job.id for job in RetrainJobRepository(database).recent()] == [SEEDED_JOB]
+    finally:
+        database.dispose()
 
 
 def test_no_request_started_a_retrain(hooks: TestClient) -> None:
@@ -277,4 +383,4 @@ def test_no_request_started_a_retrain(hooks: TestClient) -> None:
     )
     assert response.status_code == 202 and response.json()["status"] == "cooldown", response.text
     jobs = hooks.get("/v1/retrain/jobs", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    assert [job["id"] for job in jobs.json()] == ["cooldown"]
+    assert [job["id"] for job in jobs.json()] == [SEEDED_JOB]

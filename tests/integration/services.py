@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -129,6 +129,7 @@ def start_service(
     supervised: bool = False,
     *,
     upgrade_database: bool = True,
+    command_prefix: Sequence[str] = (),
     **env: str,
 ) -> Service:
     """Start gunicorn serving ``app`` and return once every worker is ready (loaded its model).
@@ -136,6 +137,7 @@ def start_service(
     ``supervised`` runs the whole service as ``scripts/serve`` does: ``app.supervisor`` with gunicorn and
     the drift monitor. Metrics and the prediction log go to fresh folders beside ``log_path``; the log is
     migrated to head first (``db upgrade``, as ``scripts/serve`` does) unless ``upgrade_database`` is false.
+    ``command_prefix`` runs the command under another (e.g. :func:`file_modes_enforced`).
     """
     port = free_port()
     metrics_dir = log_path.parent / f"metrics-{port}"
@@ -168,7 +170,7 @@ def start_service(
         else [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn_conf.py", app]
     )
     process = subprocess.Popen(
-        command,
+        [*command_prefix, *command],
         cwd=REPO,
         env=environment,
         stdout=handle,
@@ -195,6 +197,33 @@ def start_service(
         time.sleep(0.2)
     service.stop()
     raise RuntimeError(f"gunicorn did not become ready: {log_path.read_text()[-2000:]}")
+
+
+OVERRIDING_CAPABILITIES = ("dac_override", "dac_read_search", "fowner", "chown", "linux_immutable")
+"""The capabilities by which root ignores file modes (and could change them)."""
+CAP_DAC_OVERRIDE = 1  # <linux/capability.h>
+
+
+def file_modes_enforced() -> list[str] | None:
+    """A command prefix under which file modes bind the command even when run as root: ``setpriv`` drops
+    :data:`OVERRIDING_CAPABILITIES` from its bounding set (the command stays uid 0, so it still reads and
+    writes what root owns with write permission, but not a file or folder without it). Nothing for another
+    user; None when root cannot drop them here."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = [setpriv, "--bounding-set", ",".join(f"-{cap}" for cap in OVERRIDING_CAPABILITIES), "--"]
+    probe = subprocess.run([*prefix, "true"], capture_output=True, check=False)
+    return prefix if probe.returncode == 0 else None
+
+
+def overrides_file_modes(pid: int) -> bool:
+    """Whether process ``pid`` has CAP_DAC_OVERRIDE in its effective set (root's, unless dropped)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    effective = next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:"))
+    return bool(int(effective, 16) >> CAP_DAC_OVERRIDE & 1)
 
 
 @dataclass
