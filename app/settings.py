@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     model_store: Path = Field(REPO_ROOT / "model_store", description="Root of the versioned model store.")
     data_dir: Path = Field(REPO_ROOT / "data", description="Folder holding the labelled corpora.")
     reload_interval_seconds: PositiveFloat = Field(
-        2.0, description="How often each worker checks the store's current pointer for a new version."
+        2.0, description="How often each worker checks the model store's current pointer for a new version."
     )
     model_signing_key: SecretStr | None = Field(
         None,
@@ -77,8 +77,8 @@ class Settings(BaseSettings):
         description="Where the model store lives: `file:///path` (a folder, as `SENTIMENT_MODEL_STORE`) or "
         "`s3://bucket/prefix`: artifacts in an S3-compatible object store (app/ml/artifact_store.py) reached "
         "through `AWS_ENDPOINT_URL_S3`, `AWS_ACCESS_KEY_ID[_FILE]`, `AWS_SECRET_ACCESS_KEY[_FILE]` and "
-        "`AWS_REGION` (default `us-east-1`), versions' records and the current pointer in the "
-        "`SENTIMENT_DATABASE_URL` database (app/ml/registry_db.py); unset: the `SENTIMENT_MODEL_STORE` folder.",
+        "`AWS_REGION` (default `us-east-1`), versions' records and the current pointer in the prediction "
+        "database (`SENTIMENT_DATABASE_URL`, app/ml/registry_db.py); unset: the `SENTIMENT_MODEL_STORE` folder.",
     )
     model_cache_dir: Path | None = Field(
         None,
@@ -118,31 +118,31 @@ class Settings(BaseSettings):
     # Monitoring: prediction log, metrics, feedback
     state_dir: Path = Field(
         REPO_ROOT / "var",
-        description="Folder of the default SQLite prediction log, the workers' model-load lock and (in scripts/serve)"
-        " the metrics directory.",
+        description="Folder of the default SQLite prediction database, the workers' model-load lock and (in "
+        "scripts/serve) the metrics directory.",
     )
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL of the prediction log; unset: `sqlite:///<state_dir>/predictions.db`."
+        None, description="SQLAlchemy URL of the prediction database; unset: `sqlite:///<state_dir>/predictions.db`."
     )
     database_connect_timeout_seconds: PositiveFloat = Field(
         3.0,
-        description="Longest wait to open a connection to the prediction log's server, or to get one from the "
+        description="Longest wait to open a connection to the prediction database's server, or to get one from the "
         "pool (PostgreSQL counts whole seconds, at least 2).",
     )
     database_statement_timeout_seconds: PositiveFloat = Field(
-        5.0, description="Longest a prediction-log statement may run before PostgreSQL cancels it."
+        5.0, description="Longest a prediction-database statement may run before PostgreSQL cancels it."
     )
     database_threads: PositiveInt = Field(
         4,
-        description="Threads per worker that run prediction-log calls; a hung database holds these, never the "
+        description="Threads per worker that run prediction-database calls; a hung database holds these, never the "
         "threads that serve /metrics, model reloads or webhooks.",
     )
     monitoring_enabled: bool = Field(True, description="Record metrics and log predictions (off only to benchmark).")
     prediction_log_flush_seconds: PositiveFloat = Field(
-        0.5, description="How often each worker writes its buffered predictions to the log."
+        0.5, description="How often each worker writes its buffered predictions to the prediction database."
     )
     prediction_log_max_buffer: PositiveInt = Field(
-        50_000, description="Most unwritten predictions a worker keeps while the database is unavailable."
+        50_000, description="Most unwritten predictions a worker keeps while the prediction database is unavailable."
     )
     prediction_log_max_buffer_bytes: PositiveInt = Field(
         64 * 2**20,
@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     prediction_log_spool_dir: Path | None = Field(
         None,
         description="Folder of the workers' crash-safe copies of their unwritten predictions, which a killed "
-        "worker's successor writes to the log; unset: `<state_dir>/prediction-spool`.",
+        "worker's successor writes to the prediction database; unset: `<state_dir>/prediction-spool`.",
     )
     retention_max_rows: PositiveInt = Field(
         1_000_000,
@@ -180,6 +180,11 @@ class Settings(BaseSettings):
         False,
         description="Development only: with no feedback token configured, accept feedback without credentials "
         "(its labels are recorded as sent by `anonymous`).",
+    )
+    feedback_revocation_refresh_seconds: PositiveFloat = Field(
+        5.0,
+        description="How often each worker rereads the feedback token names revoked with `python -m app.cli "
+        "feedback revoke NAME` from the database: the longest a revoked token is still accepted.",
     )
 
     # Drift monitor
@@ -212,11 +217,11 @@ class Settings(BaseSettings):
         "larger of the two rules).",
     )
     drift_busy_cpu_share: float = Field(
-        0.05,
+        0.03,
         gt=0,
         le=1,
         description="Share of one core drift checks may use while the host's CPUs are saturated; between idle and "
-        "saturated the share moves linearly with the host's idle CPU share (averaged over about 10 s).",
+        "saturated the share moves with the square of the host's idle CPU share (averaged over about 10 s).",
     )
     drift_p_value: float = Field(
         0.05, gt=0, lt=1, description="Family-wise significance of the drift verdict (Bonferroni over the drift tests)."

@@ -45,6 +45,7 @@ def workload(index: int) -> None:
     import numpy as np
 
     from app.monitoring import metrics as m
+    from app.monitoring.metric_writes import WRITES
 
     rng = np.random.default_rng(index)
     version = f"v{index // 50 + 1}"
@@ -80,8 +81,9 @@ def workload(index: int) -> None:
                 picked = confidence[rng.uniform(size=texts) < 0.5].tolist()
                 if picked:
                     m.PREDICTIONS.labels(model_version=version, sentiment=sentiment).inc(len(picked))
-                    m.observe_many(m.PREDICTION_CONFIDENCE.labels(model_version=version, sentiment=sentiment), picked)
-            m.observe_many(m.TEXT_LENGTH, rng.integers(5, 2000, texts).tolist())
+                    confidences = m.PREDICTION_CONFIDENCE.labels(model_version=version, sentiment=sentiment)
+                    WRITES.observe_many(confidences, picked)
+            WRITES.observe_many(m.TEXT_LENGTH, rng.integers(5, 2000, texts).tolist())
         if route == "/v1/feedback" and status == "200":
             m.FEEDBACK.labels(sentiment=str(rng.choice(("negative", "positive")))).inc()
         m.REQUESTS_IN_PROGRESS.dec()

@@ -211,6 +211,7 @@ def components(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from app.logs import configure_structlog, dict_config
     from app.migrations import upgrade
     from app.monitoring import metrics as m
+    from app.monitoring.metric_writes import WRITES
     from app.monitoring.spool import PredictionSpool
     from app.serving.batcher import InferenceBatcher
     from app.serving.models import ServedModel
@@ -279,7 +280,7 @@ def components(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "labels() of 3 labels": lambda: m.REQUEST_DURATION.labels("POST", ROUTE_PATH, "200"),
             "histogram observe": lambda: latency.observe(0.004),
             "counter inc": m.PREDICTIONS.labels("v1", "positive").inc,
-            "observe_many, 1 value": lambda: m.observe_many(m.TEXT_LENGTH, [96]),
+            "observe_many, 1 value": lambda: WRITES.observe_many(m.TEXT_LENGTH, [96]),
         },
         n,
         rounds,

@@ -21,6 +21,7 @@ from prometheus_client import Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
+from app.monitoring.metric_writes import WRITES
 from app.monitoring.metrics import REQUEST_DURATION, REQUESTS_IN_PROGRESS
 
 log = structlog.get_logger("app.access")
@@ -92,7 +93,7 @@ class AccessLogMiddleware:
             await send(message)
 
         if self.measure:
-            REQUESTS_IN_PROGRESS.inc()
+            WRITES.inc(REQUESTS_IN_PROGRESS)
         try:
             await self.app(scope, receive, send_observed)
         finally:
@@ -103,12 +104,12 @@ class AccessLogMiddleware:
         # The route template, never the raw path: label values stay few whatever clients send.
         route = getattr(scope.get("route"), "path", "unmatched")
         if self.measure:
-            REQUESTS_IN_PROGRESS.dec()
+            WRITES.inc(REQUESTS_IN_PROGRESS, -1.0)
             method = scope["method"] if scope["method"] in _KNOWN_METHODS else "other"
             latency = self._latency.get((method, route, status))
             if latency is None:
                 latency = self._latency[method, route, status] = REQUEST_DURATION.labels(method, route, str(status))
-            latency.observe(elapsed)
+            WRITES.observe(latency, elapsed)
         version = _header(start.get("headers", ()), b"x-model-version") if start is not None else None
         log.info(
             "request",

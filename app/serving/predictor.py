@@ -15,7 +15,9 @@ from numpy.typing import NDArray
 from prometheus_client import Counter, Histogram
 
 from app.ml.data import LABELS
+from app.ml.model import decide
 from app.monitoring import metrics
+from app.monitoring.metric_writes import WRITES
 from app.serving.batcher import InferenceBatcher
 from app.serving.models import ModelManager
 from app.storage.recorder import PredictionRecorder
@@ -46,8 +48,7 @@ class Prediction:
 
 def _predictions(version: str, proba: NDArray[np.float64]) -> list[Prediction]:
     predictions = []
-    for negative, positive in proba.tolist():
-        label = 1 if positive >= negative else 0
+    for (negative, positive), label in zip(proba.tolist(), decide(proba[:, 1]).tolist(), strict=True):
         predictions.append(
             Prediction(
                 id=uuid.uuid4().hex,
@@ -68,7 +69,8 @@ class Predictor:
     the batcher hands each request's rows to :meth:`_stage` in the batch step, which schedules one
     :meth:`_record_staged` ahead of the callers' wake-ups: a batch costs one spool write and one round of
     metric writes (``bench/request_profile.py``: 15 us down to 7 us per request at 14 requests per model
-    call), and every prediction is counted and spooled before its response is sent.
+    call), every prediction is spooled before its response is sent, and its metric writes land with the
+    loop iteration's others (:mod:`app.monitoring.metric_writes`).
     """
 
     def __init__(self, models: ModelManager, batcher: InferenceBatcher, recorder: PredictionRecorder | None) -> None:
@@ -123,7 +125,8 @@ class Predictor:
             log.exception("prediction_record_failed", reason=type(exc).__name__)
 
     def _record_staged(self) -> None:
-        """Spool and buffer the staged rows (one write), then count them (one write per touched bucket)."""
+        """Spool and buffer the staged rows (one write), then count them (gathered with the loop iteration's
+        other metric writes: :mod:`app.monitoring.metric_writes`)."""
         if not self._staged:
             return
         rows, self._staged = self._staged, []
@@ -139,6 +142,6 @@ class Predictor:
                     metrics.PREDICTIONS.labels(*key),
                     metrics.PREDICTION_CONFIDENCE.labels(*key),
                 )
-            children[0].inc(len(values))
-            metrics.observe_many(children[1], values)
-        metrics.observe_many(metrics.TEXT_LENGTH, [row["text_length"] for row in rows])
+            WRITES.inc(children[0], len(values))
+            WRITES.observe_many(children[1], values)
+        WRITES.observe_many(metrics.TEXT_LENGTH, [row["text_length"] for row in rows])

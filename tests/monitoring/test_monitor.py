@@ -284,10 +284,11 @@ def test_the_cpu_budget_spaces_checks_by_what_the_last_one_cost(
 def test_the_cpu_share_falls_from_the_idle_budget_to_the_busy_one_as_the_host_fills_up(
     store: ModelRegistry, tmp_path: Path
 ) -> None:
-    """Idle host: drift_max_cpu_share; saturated: drift_busy_cpu_share; linear between; never above the max."""
+    """Idle host: drift_max_cpu_share; saturated: drift_busy_cpu_share; between, with the square of the idle
+    share (a saturated host still shows 10-20 % idle); never above the max."""
     monitor = make_monitor(store, tmp_path, drift_max_cpu_share=0.5, drift_busy_cpu_share=0.05)
     monitor.last_check_cpu = 1.0
-    for idle, share in ((1.0, 0.5), (0.5, 0.275), (0.0, 0.05)):
+    for idle, share in ((1.0, 0.5), (0.9, 0.4145), (0.5, 0.1625), (0.15, 0.060125), (0.0, 0.05)):
         monitor.host_idle = idle
         assert monitor.cpu_share() == pytest.approx(share)
         assert monitor.min_interval() == pytest.approx(1.0 / share)
