@@ -35,7 +35,7 @@ from app.storage.database import (
 log = structlog.get_logger(__name__)
 
 TABLES: tuple[Table, ...] = (predictions, drift_checks, retrain_jobs, webhook_alerts, model_events)
-"""The prediction database's tables a copy carries (the model registry's are copied through the registry)."""
+"""The prediction database's tables a copy carries (the model store's versions and pointer: app/ml/store_copy.py)."""
 BATCH_ROWS = 1000
 DIFFERING_SHOWN = 5
 """How many keys of differing rows a summary names."""
