@@ -11,7 +11,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from app.ml.data import LABELS
+from app.ml.labels import LABELS
 from app.ml.registry import ModelRegistry
 from app.settings import Settings
 

@@ -51,7 +51,8 @@ import httpx
 import numpy as np
 from sqlalchemy import text
 
-from app.ml.data import LABELS, load_tweets
+from app.ml.data import load_tweets
+from app.ml.labels import LABELS
 from app.ml.registry import ModelRegistry
 from app.settings import Settings
 from app.storage.database import Database

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from app.ml.data import LABELS
+from app.ml.labels import LABELS
 from app.storage.predictions import PredictionRepository
 
 

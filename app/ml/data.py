@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from app.ml.labels import LABELS
+
 if TYPE_CHECKING:
     import pandas as pd
 
-LABELS: tuple[str, str] = ("negative", "positive")
-"""Class names in model order: index 0 is negative, 1 is positive."""
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 ROTTEN_TOMATOES = "rotten_tomatoes_corpus_full.csv.bz2"
@@ -61,7 +61,7 @@ def _corpus(name: str, frame: pd.DataFrame) -> Corpus:
 
 def load_rotten_tomatoes(data_dir: Path = DATA_DIR) -> Corpus:
     """Rotten Tomatoes critic snippets: ``fresh`` positive, ``rotten`` negative; plot synopses dropped."""
-    import pandas as pd  # only training needs pandas; web workers import LABELS from here
+    import pandas as pd  # only training needs pandas
 
     frame = pd.read_csv(data_dir / ROTTEN_TOMATOES, usecols=["category", "text"])
     frame = frame[frame["category"].isin(["fresh", "rotten"])]
@@ -71,7 +71,7 @@ def load_rotten_tomatoes(data_dir: Path = DATA_DIR) -> Corpus:
 
 def load_tweets(data_dir: Path = DATA_DIR) -> Corpus:
     """CrowdFlower tweets labelled positive or negative (neutral ones dropped)."""
-    import pandas as pd  # only training needs pandas; web workers import LABELS from here
+    import pandas as pd  # only training needs pandas
 
     frame = pd.read_csv(data_dir / TWEETS, encoding="latin-1", usecols=["sentiment", "text"])
     frame = frame[frame["sentiment"].isin(LABELS)]
@@ -81,7 +81,7 @@ def load_tweets(data_dir: Path = DATA_DIR) -> Corpus:
 
 def load_clothing(data_dir: Path = DATA_DIR) -> Corpus:
     """Women's clothing reviews: ratings 1-2 negative, 4-5 positive, 3 dropped."""
-    import pandas as pd  # only training needs pandas; web workers import LABELS from here
+    import pandas as pd  # only training needs pandas
 
     frame = pd.read_parquet(data_dir / CLOTHING, columns=["Review Text", "Rating"])
     frame = frame.rename(columns={"Review Text": "text"})

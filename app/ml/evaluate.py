@@ -15,7 +15,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from app.ml.data import LABELS
+from app.ml.labels import LABELS
 from app.ml.model import confidence_of, decide
 
 

@@ -23,7 +23,6 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 _BULK_FROM = 8
@@ -65,6 +64,8 @@ class LoopBatchedWrites:
             for value in values:
                 self.observe(histogram, value)
             return
+        import numpy as np  # here: the supervisor and gunicorn's master import this module, and never call it
+
         bounds = histogram._upper_bounds
         counts = np.bincount(np.searchsorted(bounds, values, side="left"))  # NaN sorts past the last bound
         for bucket, count in enumerate(counts.tolist()[: len(bounds)]):

@@ -26,7 +26,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.ml.data import LABELS
+from app.ml.labels import LABELS
 from app.monitoring import exposition
 from app.monitoring.metric_writes import WRITES
 

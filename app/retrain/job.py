@@ -61,8 +61,9 @@ from sklearn.metrics import balanced_accuracy_score
 
 from app.errors import CurrentVersionChangedError
 from app.migrations import require_current
-from app.ml.data import CORPORA, LABELS, Corpus, fingerprint_rows
+from app.ml.data import CORPORA, Corpus, fingerprint_rows
 from app.ml.drift_reference import DriftReference, build_reference
+from app.ml.labels import LABELS
 from app.ml.model import SentimentModel, build_model
 from app.ml.model_card import RegisteredVersion, register_version
 from app.ml.registry import LoadedModel, ModelRegistry

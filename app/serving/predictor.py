@@ -14,7 +14,7 @@ import structlog
 from numpy.typing import NDArray
 from prometheus_client import Counter, Histogram
 
-from app.ml.data import LABELS
+from app.ml.labels import LABELS
 from app.ml.model import decide
 from app.monitoring import metrics
 from app.monitoring.metric_writes import WRITES

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
-from app.ml.data import LABELS, load_tweets
+from app.ml.data import load_tweets
+from app.ml.labels import LABELS
 from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
 from app.retrain.job import balanced
 from tests.integration.services import (

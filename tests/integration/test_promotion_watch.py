@@ -19,7 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
-from app.ml.data import LABELS, Corpus
+from app.ml.data import Corpus
+from app.ml.labels import LABELS
 from app.ml.registry import ModelRegistry
 from app.ml.train import train_and_register
 from tests.conftest import SMALL_PARAMS
