@@ -1,13 +1,14 @@
 """Copying the prediction database into another (SQLite into PostgreSQL): every row of every table, in batches,
 idempotently.
 
-Each table (:data:`TABLES`: predictions with their labels and label sources, drift checks, retrain jobs,
-webhook alerts, model events) is read in primary-key order, a batch at a time; each batch is one transaction in
-the target that inserts the rows whose key the target lacks (``ON CONFLICT DO NOTHING`` as well, where the dialect
-has it) and checks that they are there afterwards. A row whose key the target already holds is compared with the
-source's: the same row (an earlier, perhaps interrupted, copy) is counted as present, another one as differing.
-So a copy can run again at any point and copies nothing twice. Both databases must be at this code's schema
-head (the caller checks), so both have the columns of :mod:`app.storage.database`'s tables.
+Each table (:data:`TABLES`: predictions with their labels and label sources, purged and revoked feedback token
+names, drift checks, retrain jobs, webhook alerts, model events) is read in primary-key order, a batch at a time;
+each batch is one transaction in the target that inserts the rows whose key the target lacks (``ON CONFLICT DO
+NOTHING`` as well, where the dialect has it) and checks that they are there afterwards. A row whose key the
+target already holds is compared with the source's: the same row (an earlier, perhaps interrupted, copy) is
+counted as present, another one as differing. So a copy can run again at any point and copies nothing twice.
+Both databases must be at this code's schema head (the caller checks), so both have the columns of
+:mod:`app.storage.database`'s tables.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sqlalchemy.sql.expression import Executable
 from app.storage.database import (
     INSERT_IGNORING_DUPLICATES,
     drift_checks,
+    feedback_sources,
     model_events,
     predictions,
     retrain_jobs,
@@ -34,7 +36,7 @@ from app.storage.database import (
 
 log = structlog.get_logger(__name__)
 
-TABLES: tuple[Table, ...] = (predictions, drift_checks, retrain_jobs, webhook_alerts, model_events)
+TABLES: tuple[Table, ...] = (predictions, feedback_sources, drift_checks, retrain_jobs, webhook_alerts, model_events)
 """The prediction database's tables a copy carries (the model store's versions and pointer: app/ml/store_copy.py)."""
 BATCH_ROWS = 1000
 DIFFERING_SHOWN = 5
