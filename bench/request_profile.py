@@ -537,16 +537,17 @@ def metric_total(url: str, name: str) -> float:
 
 def service_run(mode: str, seconds: int, tmp: Path, texts: Path, store: Any, *, keep: Path | None) -> dict[str, Any]:
     """wrk against the service with monitoring ``mode`` ("on"/"off"); py-spy on one worker meanwhile."""
-    from bench.monitoring import wait_for_monitor
+    from bench.monitoring import wait_for_monitor, warm_up
     from bench.serving import CONNECTIONS, wrk
     from tests.integration.services import start_service
 
     if mode == "on":
         service = start_service(store, tmp / f"{mode}.log", supervised=True)
-        wait_for_monitor(service)  # steady state, as bench/monitoring.py measures it
+        wait_for_monitor(service)
     else:
         service = start_service(store, tmp / f"{mode}.log", SENTIMENT_MONITORING_ENABLED="false")
     try:
+        warm_up(service, texts_env(texts))  # steady state, as bench/monitoring.py measures it
         workers = service.worker_pids()
         processes = {service.process.pid: "supervisor" if mode == "on" else "gunicorn master"}
         for pid, (_, command) in service.descendants().items():

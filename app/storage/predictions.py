@@ -88,6 +88,8 @@ class LabelResult:
     label: str | None = None  # the label on record after the call
 
 
+ROWS_PER_STATEMENT = 500
+"""Rows per driver insert: at most 12 columns, 6,000 parameters (SQLite allows 32,766, PostgreSQL 65,535)."""
 DRIVER_PLACEHOLDERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
 """The positional parameter marker of a DB-API parameter style (sqlite3: qmark; psycopg: pyformat)."""
 
@@ -114,43 +116,52 @@ class PredictionRepository(Repository):
 
     def __init__(self, database: Database) -> None:
         super().__init__(database)
-        self._driver_inserts: dict[tuple[str, ...], str | None] = {}  # column set -> its driver statement
+        self._driver_inserts: dict[tuple[tuple[str, ...], int], str | None] = {}  # (columns, rows) -> statement
 
     def insert_predictions(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Insert rows, skipping any whose id is already there: writing a batch twice (after a commit
         whose outcome was unknown, or a dead worker's spool) is harmless. The columns are the first row's;
         a row without one of them stores NULL there.
 
-        On SQLite and PostgreSQL the rows go to the driver's ``executemany`` as tuples, under one statement
-        built once per column set: 5.3 instead of 7.2 µs of CPU per row in SQLAlchemy's own insert, time a
-        web worker's flush thread spends holding the GIL (``docs/benchmarks.md``, request profile).
+        On SQLite and PostgreSQL the rows go to the driver as multi-row ``INSERT ... VALUES (...), (...)``
+        statements of up to ``ROWS_PER_STATEMENT`` rows, one transaction. The driver releases the GIL around
+        each statement it runs, and a web worker's flush thread then waits for the event loop to hand it back
+        (up to the 5 ms switch interval under load): one statement per row (``executemany``) capped a
+        saturated worker's flush near 750 rows/s (1.3 ms per row against 3 µs alone; ``docs/design.md``),
+        so its buffer filled and dropped rows; one per 500 rows costs the flush about 11 µs per row there.
         """
         if not rows:
             return
         columns = tuple(rows[0])
-        statement = self._driver_insert(columns)
-        with self.engine.begin() as conn:
-            if statement is None:
+        if self._driver_insert(columns, 1) is None:
+            with self.engine.begin() as conn:
                 conn.execute(self._insert_new_predictions(), list(rows))
-            else:
-                conn.exec_driver_sql(statement, [tuple(row.get(c) for c in columns) for row in rows])
+            return
+        with self.engine.begin() as conn:
+            for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                chunk = rows[start : start + ROWS_PER_STATEMENT]
+                values = tuple(row.get(c) for row in chunk for c in columns)
+                conn.exec_driver_sql(self._driver_insert(columns, len(chunk)), values)  # type: ignore[arg-type]
 
-    def _driver_insert(self, columns: tuple[str, ...]) -> str | None:
-        """``INSERT ... ON CONFLICT (id) DO NOTHING`` of ``columns`` in the driver's parameter style, or None
-        where that does not apply (another database or parameter style, or a key that is not a column)."""
-        if columns not in self._driver_inserts:
-            dialect = self.engine.dialect
-            placeholder = DRIVER_PLACEHOLDERS.get(dialect.paramstyle)
-            usable = placeholder is not None and dialect.name in INSERT_IGNORING_DUPLICATES
-            if not usable or not set(columns) <= set(predictions.c.keys()) or "id" not in columns:
-                self._driver_inserts[columns] = None
-            else:
-                names = ", ".join(f'"{c}"' for c in columns)
-                values = ", ".join([placeholder] * len(columns))  # type: ignore[list-item]
-                self._driver_inserts[columns] = (
-                    f'INSERT INTO predictions ({names}) VALUES ({values}) ON CONFLICT ("id") DO NOTHING'  # noqa: S608  checked names
-                )
-        return self._driver_inserts[columns]
+    def _driver_insert(self, columns: tuple[str, ...], rows: int) -> str | None:
+        """``INSERT ... VALUES`` of ``rows`` rows of ``columns`` ``ON CONFLICT (id) DO NOTHING`` in the driver's
+        parameter style, or None where that does not apply (another database or parameter style, or a key that
+        is not a column). The statements of full chunks are kept."""
+        statement = self._driver_inserts.get((columns, rows))
+        if statement is not None or (columns, rows) in self._driver_inserts:
+            return statement
+        dialect = self.engine.dialect
+        placeholder = DRIVER_PLACEHOLDERS.get(dialect.paramstyle)
+        usable = placeholder is not None and dialect.name in INSERT_IGNORING_DUPLICATES
+        if usable and set(columns) <= set(predictions.c.keys()) and "id" in columns:
+            names = ", ".join(f'"{c}"' for c in columns)
+            row = "(" + ", ".join([placeholder] * len(columns)) + ")"  # type: ignore[list-item]
+            statement = (
+                f'INSERT INTO predictions ({names}) VALUES {", ".join([row] * rows)} ON CONFLICT ("id") DO NOTHING'  # noqa: S608  checked names
+            )
+        if rows in (1, ROWS_PER_STATEMENT):
+            self._driver_inserts[columns, rows] = statement
+        return statement
 
     def _insert_new_predictions(self) -> Executable:
         dialect = INSERT_IGNORING_DUPLICATES.get(self.engine.dialect.name)
