@@ -4,7 +4,7 @@ The recorder writes on the database's threads; under saturation the worker's eve
 without pause. A database driver releases the GIL around each statement it runs and must take it back after:
 with one statement per row (``executemany``) the flush waits for a GIL hand-over per row. This measures
 ``PredictionRepository.insert_predictions`` with 1 row per statement (``executemany``'s shape) and with
-``ROWS_PER_STATEMENT`` rows per statement, alone and beside a thread that spins in Python, on SQLite and, with
+500 rows per statement (``STATEMENT_ROWS``), alone and beside a thread that spins in Python, on SQLite and, with
 ``--postgres``, on a real PostgreSQL (started by the test helpers).
 
 Usage: ``.venv/bin/python -m bench.flush_contention [--rows 20000] [--postgres]``; writes
@@ -76,8 +76,8 @@ def measure(url: str, n: int, per_statement: int, busy: bool) -> float:
     """Wall-clock µs per row to insert ``n`` fresh rows, ``per_statement`` rows per driver statement."""
     database = Database(url)
     repository = PredictionRepository(database)
-    saved = prediction_storage.ROWS_PER_STATEMENT
-    prediction_storage.ROWS_PER_STATEMENT = per_statement
+    saved = prediction_storage.STATEMENT_ROWS
+    prediction_storage.STATEMENT_ROWS = (per_statement,)
     try:
         batch = rows(n)
         repository.insert_predictions(rows(10))  # connect first
@@ -87,13 +87,13 @@ def measure(url: str, n: int, per_statement: int, busy: bool) -> float:
                 repository.insert_predictions(batch[start : start + 2000])
             return (time.perf_counter() - started) * 1e6 / n
     finally:
-        prediction_storage.ROWS_PER_STATEMENT = saved
+        prediction_storage.STATEMENT_ROWS = saved
         database.dispose()
 
 
 def run(name: str, url: str, n: int) -> dict[str, float]:
     results: dict[str, float] = {}
-    for per_statement in (1, prediction_storage.ROWS_PER_STATEMENT):
+    for per_statement in (1, prediction_storage.STATEMENT_ROWS[0]):
         for busy in (False, True):
             key = f"{per_statement} per statement, {'event loop busy' if busy else 'alone'}"
             count = n // 10 if busy and per_statement == 1 else n
@@ -134,7 +134,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": args.rows,
-        "rows_per_statement": prediction_storage.ROWS_PER_STATEMENT,
+        "rows_per_statement": prediction_storage.STATEMENT_ROWS[0],
         "note": "1 row per statement, event loop busy: a tenth of the rows (each costs a GIL hand-over)",
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -88,8 +88,22 @@ class LabelResult:
     label: str | None = None  # the label on record after the call
 
 
-ROWS_PER_STATEMENT = 500
-"""Rows per driver insert: at most 12 columns, 6,000 parameters (SQLite allows 32,766, PostgreSQL 65,535)."""
+STATEMENT_ROWS = (500, 100, 20, 1)
+"""Rows per driver insert, largest first: a flush of n rows is as many of each size as fit, in this order. Few
+sizes, because the driver keeps each distinct statement prepared per connection (sqlite3 up to 128, about 0.5 MB
+each at 500 rows: statements of every length from 1 to 499 grew each connection by 67 MB). At most 12 columns,
+so at most 6,000 parameters (SQLite allows 32,766, PostgreSQL 65,535)."""
+
+
+def statement_sizes(rows: int) -> list[int]:
+    """How many rows each of the statements inserting ``rows`` rows carries (:data:`STATEMENT_ROWS`)."""
+    sizes = []
+    for size in STATEMENT_ROWS:
+        count, rows = divmod(rows, size)
+        sizes += [size] * count
+    return sizes
+
+
 DRIVER_PLACEHOLDERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
 """The positional parameter marker of a DB-API parameter style (sqlite3: qmark; psycopg: pyformat)."""
 
@@ -124,7 +138,7 @@ class PredictionRepository(Repository):
         a row without one of them stores NULL there.
 
         On SQLite and PostgreSQL the rows go to the driver as multi-row ``INSERT ... VALUES (...), (...)``
-        statements of up to ``ROWS_PER_STATEMENT`` rows, one transaction. The driver releases the GIL around
+        statements of up to 500 rows (:data:`STATEMENT_ROWS`), one transaction. The driver releases the GIL around
         each statement it runs, and a web worker's flush thread then waits for the event loop to hand it back
         (up to the 5 ms switch interval under load): one statement per row (``executemany``) capped a
         saturated worker's flush near 750 rows/s (1.3 ms per row against 3 µs alone; ``docs/design.md``),
@@ -137,16 +151,17 @@ class PredictionRepository(Repository):
             with self.engine.begin() as conn:
                 conn.execute(self._insert_new_predictions(), list(rows))
             return
+        start = 0
         with self.engine.begin() as conn:
-            for start in range(0, len(rows), ROWS_PER_STATEMENT):
-                chunk = rows[start : start + ROWS_PER_STATEMENT]
+            for size in statement_sizes(len(rows)):
+                chunk, start = rows[start : start + size], start + size
                 values = tuple(row.get(c) for row in chunk for c in columns)
-                conn.exec_driver_sql(self._driver_insert(columns, len(chunk)), values)  # type: ignore[arg-type]
+                conn.exec_driver_sql(self._driver_insert(columns, size), values)  # type: ignore[arg-type]
 
     def _driver_insert(self, columns: tuple[str, ...], rows: int) -> str | None:
         """``INSERT ... VALUES`` of ``rows`` rows of ``columns`` ``ON CONFLICT (id) DO NOTHING`` in the driver's
         parameter style, or None where that does not apply (another database or parameter style, or a key that
-        is not a column). The statements of full chunks are kept."""
+        is not a column)."""
         statement = self._driver_inserts.get((columns, rows))
         if statement is not None or (columns, rows) in self._driver_inserts:
             return statement
@@ -159,8 +174,7 @@ class PredictionRepository(Repository):
             statement = (
                 f'INSERT INTO predictions ({names}) VALUES {", ".join([row] * rows)} ON CONFLICT ("id") DO NOTHING'  # noqa: S608  checked names
             )
-        if rows in (1, ROWS_PER_STATEMENT):
-            self._driver_inserts[columns, rows] = statement
+        self._driver_inserts[columns, rows] = statement
         return statement
 
     def _insert_new_predictions(self) -> Executable:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.storage.predictions import LabelOutcome, PredictionRepository
+from app.storage.predictions import STATEMENT_ROWS, LabelOutcome, PredictionRepository, statement_sizes
 
 
 def row(i: int, version: str = "v1", created_at: float | None = None, sentiment: str = "positive") -> dict[str, Any]:
@@ -121,3 +121,18 @@ def test_writing_a_row_twice_keeps_one_and_raises_nothing(predictions: Predictio
     predictions.insert_predictions([row(1), row(2)])
     predictions.insert_predictions([row(2), row(3)])
     assert predictions.count_predictions() == 3
+
+
+def test_a_flush_of_any_size_uses_four_statement_shapes_and_writes_every_row(predictions: PredictionRepository) -> None:
+    """Rows go out in statements of the sizes in STATEMENT_ROWS only: the driver keeps each distinct statement
+    prepared per connection, so lengths from 1 to 499 would each cost memory."""
+    assert statement_sizes(2137) == [500] * 4 + [100] + [20] + [1] * 17
+    assert statement_sizes(0) == []
+    for n in (1, 19, 20, 499, 500, 501, 1234):
+        assert sum(statement_sizes(n)) == n and set(statement_sizes(n)) <= set(STATEMENT_ROWS)
+    written = 0
+    for n in (1234, 501, 19, 1):
+        predictions.insert_predictions([row(i) for i in range(written, written + n)])
+        written += n
+    assert predictions.count_predictions() == written
+    assert {rows for _, rows in predictions._driver_inserts} <= set(STATEMENT_ROWS)
