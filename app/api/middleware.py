@@ -68,6 +68,21 @@ class RequestIdMiddleware:
             structlog.contextvars.reset_contextvars(**tokens)
 
 
+class _TrackedSend:
+    """An ASGI ``send`` that remembers the response start message once it has gone out (None before)."""
+
+    __slots__ = ("send", "start")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.start: Message | None = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.start = message
+        await self.send(message)
+
+
 class AccessLogMiddleware:
     """One ``request`` log line per request (method, route template, status, latency, model version;
     never the body) and, with ``measure``, ``sentiment_request_duration_seconds`` and
@@ -85,19 +100,13 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        response: list[Message] = []  # the response start, once sent
-
-        async def send_observed(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                response.append(message)
-            await send(message)
-
+        tracked = _TrackedSend(send)
         if self.measure:
             WRITES.inc(REQUESTS_IN_PROGRESS)
         try:
-            await self.app(scope, receive, send_observed)
+            await self.app(scope, receive, tracked)
         finally:
-            self._done(scope, response[0] if response else None, time.perf_counter() - started)
+            self._done(scope, tracked.start, time.perf_counter() - started)
 
     def _done(self, scope: Scope, start: Message | None, elapsed: float) -> None:
         status = start["status"] if start is not None else None
@@ -133,18 +142,12 @@ class InternalErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def send_tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = _TrackedSend(send)
         try:
-            await self.app(scope, receive, send_tracked)
+            await self.app(scope, receive, tracked)
         except Exception:
             log.exception("unhandled_error", path=scope.get("path"))
-            if not started:
+            if tracked.start is None:
                 await error_response(500, "internal_error", "internal server error")(scope, receive, send)
 
 
@@ -161,17 +164,11 @@ async def _answer_unless_started(
     """Run ``app`` reading the body through ``wrapped_receive``; when that raises ``signal`` before the response
     started, send ``answer()`` instead. After the response started the exception propagates and the server
     cuts the connection: a second response cannot follow the first."""
-    started = False
-
-    async def send_tracked(message: Message) -> None:
-        nonlocal started
-        started = started or message["type"] == "http.response.start"
-        await send(message)
-
+    tracked = _TrackedSend(send)
     try:
-        await app(scope, wrapped_receive, send_tracked)
+        await app(scope, wrapped_receive, tracked)
     except signal:
-        if started:
+        if tracked.start is not None:
             raise
         await answer()(scope, receive, send)
 
