@@ -5,13 +5,18 @@ Values come from the same ``SENTIMENT_*`` settings as the app.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-from app.gunicorn_worker import freeze_startup_heap
-from app.logs import configure_structlog, dict_config
-from app.monitoring.metrics import initialise_counters, retire_process
-from app.settings import Settings
+from app.process_memory import skip_unused_optional_imports
+
+# First, in the master before any worker forks: the imports below would import rich, and each worker's
+# scikit-learn pandas (app/process_memory.py).
+skip_unused_optional_imports()
+
+from app.gunicorn_worker import freeze_startup_heap  # noqa: E402
+from app.logs import configure_structlog, dict_config  # noqa: E402
+from app.monitoring.metrics import initialise_counters, retire_process  # noqa: E402
+from app.settings import Settings  # noqa: E402
 
 _settings = Settings()
 
@@ -37,12 +42,6 @@ logconfig_dict = dict_config(_settings.log_level)
 proc_name = "sentiment-service"
 # Several services (or test runs) on one host must not fight over one default control socket path.
 control_socket_disable = True
-
-# Web workers predict on lists of strings and never need pandas, but scikit-learn imports it when it is
-# installed (only to detect DataFrames) and it costs ~90 MB per worker. Marking it absent here, in the
-# master before any worker forks, makes that import fail softly; training and the drift monitor run in
-# their own processes and import pandas normally.
-sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
 
 configure_structlog(_settings.log_level)
 

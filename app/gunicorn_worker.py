@@ -11,6 +11,7 @@ error shape; :class:`SentimentWorker` passes gunicorn's ``worker_connections`` t
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 from typing import Any, ClassVar
 
@@ -18,7 +19,6 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn_worker import UvicornWorker
 
-from app.api.errors import error_response
 from app.settings import Settings
 
 GC_YOUNG_THRESHOLD = 10_000
@@ -42,13 +42,19 @@ def freeze_startup_heap() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
-_BUSY = error_response(
-    503, "server_busy", "too many connections to this worker; retry shortly", headers={"Connection": "close"}
-)
+@functools.cache
+def _busy_response() -> Any:
+    # Built in the worker on first use: importing the API (FastAPI, SQLAlchemy) would grow the gunicorn
+    # master, which loads this module for the worker class, by about 20 MB.
+    from app.api.errors import error_response
+
+    return error_response(
+        503, "server_busy", "too many connections to this worker; retry shortly", headers={"Connection": "close"}
+    )
 
 
 async def _server_busy(scope: Any, receive: Any, send: Any) -> None:
-    await _BUSY(scope, receive, send)
+    await _busy_response()(scope, receive, send)
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):

@@ -22,6 +22,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":
+    # Run as the supervisor process: before structlog, which would import rich.
+    from app.process_memory import skip_unused_optional_imports
+
+    skip_unused_optional_imports()
+
 import structlog
 from pydantic import ValidationError
 

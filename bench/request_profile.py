@@ -294,7 +294,7 @@ def components(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     spool = PredictionSpool(tmp / "spool")
     spool.open()
     recorder = PredictionRecorder(PredictionRepository(database), 0.5, 10**9, max_buffer_bytes=2**40, spool=spool)
-    model = ServedModel("v20261201T000000Z-000000", {}, StubModel(), compiled=False, loaded=None)  # type: ignore[arg-type]
+    model = ServedModel("v20261201T000000Z-000000", {}, StubModel(), compiled=False)
 
     class Models:
         current = model
@@ -412,9 +412,10 @@ def whole_app(args: argparse.Namespace, tmp: Path, texts: list[str]) -> dict[str
     from app.logs import configure_structlog, dict_config
     from app.main import create_app
     from app.migrations import upgrade
+    from app.process_memory import skip_unused_optional_imports
     from app.settings import Settings
 
-    sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]  # as gunicorn_conf: workers never need it
+    skip_unused_optional_imports()  # as gunicorn_conf does for the workers
     configure_structlog()
     logging.config.dictConfig(dict_config("info"))
     bodies = [json.dumps({"text": text}).encode() for text in texts]

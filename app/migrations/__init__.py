@@ -17,24 +17,25 @@ folder: it works from any working directory and from an installed image, with no
 
 from __future__ import annotations
 
+import ast
 import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import structlog
-from alembic import command
-from alembic.config import Config
-from alembic.operations import Operations
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import NullPool
 
 from app.errors import SentimentServiceError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +44,8 @@ UPGRADE_COMMAND = "python -m app.cli db upgrade"
 BASELINE = "fd3ab7b49a99"
 """The schema of the last release before migrations (the four tables), which adoption stamps."""
 BASELINE_TABLES = ("predictions", "drift_checks", "retrain_jobs", "webhook_alerts")
+VERSION_TABLE = "alembic_version"
+"""Where Alembic records a database's revision (its default name and schema)."""
 _LOCK_KEY = 0x53454E54494D  # pg_advisory_xact_lock key of the migrations ("SENTIM")
 
 
@@ -69,6 +72,8 @@ class DatabaseSchemaAheadError(SentimentServiceError):
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """Alembic's configuration for this package's migrations; ``env.py`` runs them on ``connection``."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["connection"] = connection
@@ -77,20 +82,63 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 @functools.cache
 def _scripts() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config())
+
+
+def _declared(script: Path) -> tuple[str, str | None]:
+    """The ``revision`` and ``down_revision`` a migration script assigns (read, not imported)."""
+    values: dict[str, object] = {}
+    for node in ast.parse(script.read_text()).body:
+        if isinstance(node, ast.AnnAssign | ast.Assign) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id in {"revision", "down_revision"}:
+                    values[target.id] = ast.literal_eval(node.value)
+    revision, down = values.get("revision"), values.get("down_revision")
+    if not isinstance(revision, str) or not (down is None or isinstance(down, str)):
+        raise RuntimeError(f"{script.name}: expected revision and down_revision strings (a linear history)")
+    return revision, down
+
+
+@functools.cache
+def revision_chain() -> tuple[str, ...]:
+    """Every revision this code knows, oldest first, read from the scripts in ``versions/`` without importing
+    Alembic (about 10 MB with Mako and Pygments): the start-up check of every web worker and of the drift
+    monitor needs only this. The history is linear; ``tests/migrations`` holds it equal to Alembic's own."""
+    down_of = dict(_declared(script) for script in sorted((MIGRATIONS_DIR / "versions").glob("*.py")))
+    later = {down: revision for revision, down in down_of.items()}
+    heads = sorted(set(down_of) - set(later))
+    if len(heads) != 1 or len(later) != len(down_of):
+        raise RuntimeError(f"the migrations have {len(heads)} heads ({', '.join(heads)}): merge them")
+    chain, revision = [], later.get(None)
+    while revision is not None:
+        chain.append(revision)
+        revision = later.get(revision)
+    if len(chain) != len(down_of):
+        raise RuntimeError("the migrations do not form one chain from a single base revision")
+    return tuple(chain)
 
 
 def head() -> str:
     """The newest revision this code knows (the schema it needs)."""
-    heads = _scripts().get_heads()
-    if len(heads) != 1:
-        raise RuntimeError(f"the migrations have {len(heads)} heads ({', '.join(heads)}): merge them")
-    return heads[0]
+    return revision_chain()[-1]
 
 
 def revisions() -> list[str]:
     """Every revision this code knows, oldest first."""
-    return [script.revision for script in reversed(list(_scripts().walk_revisions()))]
+    return list(revision_chain())
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The revision ``alembic_version`` records (None: never migrated), read as Alembic reads it."""
+    if not inspect(connection).has_table(VERSION_TABLE):
+        return None
+    rows = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()  # noqa: S608
+    if len(rows) > 1:
+        raise RuntimeError(f"{VERSION_TABLE} records {len(rows)} heads ({', '.join(rows)}); this history is linear")
+    return rows[0] if rows else None
 
 
 @dataclass(frozen=True)
@@ -126,7 +174,7 @@ class SchemaState:
 
 
 def _state(connection: Connection) -> SchemaState:
-    current = MigrationContext.configure(connection).get_current_revision()
+    current = current_revision(connection)
     tables = set(inspect(connection).get_table_names())
     legacy = current is None and bool(tables & set(BASELINE_TABLES))
     return SchemaState(current, head(), legacy, current is None or current in revisions())
@@ -191,6 +239,10 @@ def _baseline_module() -> ModuleType:
 
 def _adopt(connection: Connection, echo: Callable[[str], None]) -> None:
     """Bring a database of a release before migrations to the baseline and stamp it there (rows kept)."""
+    from alembic import command
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+
     context = MigrationContext.configure(connection, opts={"render_as_batch": True})
     with Operations.context(context):
         added: list[str] = _baseline_module().adopt()
@@ -213,6 +265,8 @@ def upgrade(url: str, revision: str = "head", echo: Callable[[str], None] = lamb
         if before.legacy:
             _adopt(connection, echo)
         start = _state(connection).current
+        from alembic import command
+
         command.upgrade(alembic_config(connection), revision)
         after = _state(connection)
         if after.current == start:
@@ -230,6 +284,8 @@ def downgrade(url: str, revision: str, echo: Callable[[str], None] = lambda _lin
 
     def run(connection: Connection) -> SchemaState:
         start = _state(connection).current
+        from alembic import command
+
         command.downgrade(alembic_config(connection), revision)
         after = _state(connection)
         echo(f"downgraded from {start} to {after.current or 'base (no tables)'}")

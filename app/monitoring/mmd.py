@@ -18,12 +18,9 @@ both engines make glibc hand their large blocks back to the system when freed (:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import importlib
 import importlib.machinery
 import importlib.util
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +30,8 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 from numpy.typing import NDArray
+
+from app.process_memory import glibc, release_free_memory
 
 log = structlog.get_logger("app.monitoring.mmd")
 
@@ -60,23 +59,9 @@ def bound_allocator() -> None:
     on fresh mappings (an alibi-detect check at a window of 500: 1.5 s instead of 1.0 s), which transparent
     huge pages take back: ``app.supervisor`` starts the monitor with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
     """
-    libc = _glibc()
+    libc = glibc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
-def release_free_memory() -> None:
-    """Return the free pages of the heap to the system (glibc ``malloc_trim``; no-op elsewhere)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return None
-    return ctypes.CDLL(None)
 
 
 def import_mmd_drift() -> Any:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -32,10 +31,10 @@ from dataclasses import replace
 from typing import Any
 
 if __name__ == "__main__":
-    # Run as the monitor process: scikit-learn imports pandas when it is installed (only to detect
-    # DataFrames) and it costs ~65 MB here; the monitor never uses it (app/gunicorn_conf.py does the same for
-    # the web workers). Marking it absent before any app module imports scikit-learn makes that import fail softly.
-    sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
+    # Run as the monitor process: before the imports below, which would import pandas and rich.
+    from app.process_memory import skip_unused_optional_imports
+
+    skip_unused_optional_imports()
 
 import structlog
 

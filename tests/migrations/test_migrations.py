@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from alembic import command
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
 from sqlalchemy import (
     Boolean,
@@ -102,6 +104,41 @@ def test_an_empty_database_migrates_to_head_and_matches_the_models(url: str) -> 
     assert_schema_matches_the_models(url)
     again = upgrade(url)  # a second run (another start) changes nothing
     assert again.current == state.current
+
+
+def test_the_revision_chain_read_without_alembic_is_alembics_own(url: str) -> None:
+    """The start-up check reads the scripts' revisions itself (no Alembic import in the web workers): the same
+    history, in the same order, as Alembic's script directory; and the same current revision as Alembic reads."""
+    scripts = ScriptDirectory.from_config(alembic_config())
+    assert migrations.revisions() == [script.revision for script in reversed(list(scripts.walk_revisions()))]
+    assert [migrations.head()] == list(scripts.get_heads())
+    assert migrations.current(url).current is None
+    upgrade(url, migrations.revisions()[-2])
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            assert migrations.current_revision(connection) == migrations.revisions()[-2]
+            assert MigrationContext.configure(connection).get_current_revision() == migrations.revisions()[-2]
+    finally:
+        engine.dispose()
+
+
+def test_a_second_head_or_a_broken_chain_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    (versions / "a.py").write_text('revision = "a"\ndown_revision = None\n')
+    (versions / "b.py").write_text('revision: str = "b"\ndown_revision: str | None = "a"\n')
+    monkeypatch.setattr(migrations, "MIGRATIONS_DIR", tmp_path)
+    migrations.revision_chain.cache_clear()
+    try:
+        assert migrations.revisions() == ["a", "b"]
+        (versions / "c.py").write_text('revision = "c"\ndown_revision = "a"\n')
+        migrations.revision_chain.cache_clear()
+        with pytest.raises(RuntimeError, match="2 heads"):
+            migrations.revision_chain()
+    finally:
+        monkeypatch.undo()
+        migrations.revision_chain.cache_clear()
 
 
 def test_revisions_downgrade_and_upgrade_again_keeping_the_rows(url: str) -> None:

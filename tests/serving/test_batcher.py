@@ -29,7 +29,7 @@ class RecordingModel:
 
 
 def served(model: Any, version: str = "v1") -> ServedModel:
-    return ServedModel(version, {}, model, compiled=False, loaded=None)  # type: ignore[arg-type]
+    return ServedModel(version, {}, model, compiled=False)
 
 
 async def _gather(batcher: InferenceBatcher, model: ServedModel, groups: list[list[str]]) -> list[Any]:

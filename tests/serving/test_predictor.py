@@ -46,7 +46,7 @@ def test_one_model_call_is_recorded_with_one_spool_write_before_any_of_its_calle
     recorder = PredictionRecorder(
         PredictionRepository(Database(f"sqlite:///{tmp_path / 'log.db'}")), 10, 1000, spool=spool
     )
-    model = ServedModel("v-batch", {}, HalfModel(), compiled=False, loaded=None)  # type: ignore[arg-type]
+    model = ServedModel("v-batch", {}, HalfModel(), compiled=False)
     models = SimpleNamespace(current=model)
     labels = {"model_version": "v-batch", "sentiment": "positive"}
     before = _sample("sentiment_predictions_total", labels)
@@ -80,7 +80,7 @@ def test_one_model_call_is_recorded_with_one_spool_write_before_any_of_its_calle
 
 def test_without_a_recorder_nothing_is_recorded() -> None:
     """Monitoring off: the same predictions, no staged rows, no metric writes."""
-    model = ServedModel("v-off", {}, HalfModel(), compiled=False, loaded=None)  # type: ignore[arg-type]
+    model = ServedModel("v-off", {}, HalfModel(), compiled=False)
 
     async def scenario() -> list[list[Prediction]]:
         batcher = InferenceBatcher(max_batch=64, measure=False)
