@@ -20,24 +20,36 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from app.migrations import upgrade
+from app.serving.predictor import prediction_ids
 from app.storage import predictions as prediction_storage
 from app.storage.database import Database
 from app.storage.predictions import PredictionRepository
 from bench.serving import RESULTS
 
 
-def rows(n: int) -> list[dict[str, Any]]:
+def random_ids(n: int) -> list[str]:
+    """uuid4-like ids: 128 random bits (what prediction ids were before they were time-ordered)."""
+    return [os.urandom(16).hex() for _ in range(n)]
+
+
+ID_SCHEMES: dict[str, Callable[[int], list[str]]] = {
+    "random (uuid4)": random_ids,
+    "time-ordered (UUIDv7)": prediction_ids,
+}
+
+
+def rows(n: int, ids: Callable[[int], list[str]] = prediction_ids) -> list[dict[str, Any]]:
     """Rows shaped as the recorder buffers them (a 96-character text, as a typical review)."""
     now = time.time()
     return [
         {
-            "id": os.urandom(16).hex(),
+            "id": prediction_id,
             "created_at": now,
             "text": "a film with more heart than sense, and a plot that never quite holds together, sadly",
             "text_length": 96,
@@ -47,7 +59,7 @@ def rows(n: int) -> list[dict[str, Any]]:
             "model_version": "v20261201T000000Z-000000",
             "latency_ms": 4.2,
         }
-        for _ in range(n)
+        for prediction_id in ids(n)
     ]
 
 
@@ -102,7 +114,44 @@ def run(name: str, url: str, n: int) -> dict[str, float]:
     return results
 
 
-def on_postgres(n: int) -> dict[str, float]:
+def measure_ids(fresh_database: Callable[[str], str], prefill: int, n: int) -> dict[str, float]:
+    """CPU µs per row of this process (SQLite writes in it; PostgreSQL's server work is not counted) and wall
+    µs per row to insert ``n`` rows into a log already holding ``prefill`` rows, per id scheme, each in a new
+    migrated database (``fresh_database(name)`` returns its URL): the primary key's index holds ``prefill``
+    ids of that scheme first."""
+    results: dict[str, float] = {}
+    for number, (scheme, ids) in enumerate(ID_SCHEMES.items()):
+        database = Database(fresh_database(f"ids{number}"))
+        repository = PredictionRepository(database)
+        try:
+            for start in range(0, prefill, 2000):
+                repository.insert_predictions(rows(min(2000, prefill - start), ids))
+            batch = rows(n, ids)
+            cpu, wall = time.process_time(), time.perf_counter()
+            for start in range(0, n, 2000):
+                repository.insert_predictions(batch[start : start + 2000])
+            results[f"{scheme}: CPU"] = round((time.process_time() - cpu) * 1e6 / n, 2)
+            results[f"{scheme}: wall"] = round((time.perf_counter() - wall) * 1e6 / n, 2)
+        finally:
+            database.dispose()
+        print(
+            f"{scheme:22} after {prefill:,} rows: {results[f'{scheme}: CPU']:6.1f} µs CPU, "
+            f"{results[f'{scheme}: wall']:6.1f} µs wall per row",
+            flush=True,
+        )
+    return results
+
+
+def sqlite_databases(folder: Path) -> Callable[[str], str]:
+    def fresh(name: str) -> str:
+        url = f"sqlite:///{folder / name}.db"
+        upgrade(url)
+        return url
+
+    return fresh
+
+
+def on_postgres(n: int, prefill: int) -> dict[str, Any]:
     """:func:`run` on a real PostgreSQL with its default durability (``bench/backing.py``)."""
     import shutil
 
@@ -119,7 +168,13 @@ def on_postgres(n: int) -> dict[str, float]:
         cluster.start()
         url = cluster.create_database("flush")
         upgrade(url)
-        return run("postgresql", url, n)
+
+        def fresh(name: str) -> str:
+            created = cluster.create_database(name)
+            upgrade(created)
+            return created
+
+        return {**run("postgresql", url, n), "ids": measure_ids(fresh, prefill, n)}
     finally:
         if cluster.running:
             cluster.stop()
@@ -130,19 +185,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--postgres", action="store_true", help="also on a real PostgreSQL (tests/postgres.py)")
+    parser.add_argument("--prefill", type=int, default=200_000, help="rows in the log before the id comparison")
     args = parser.parse_args()
     result: dict[str, Any] = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": args.rows,
         "rows_per_statement": prediction_storage.STATEMENT_ROWS[0],
+        "prefill": args.prefill,
         "note": "1 row per statement, event loop busy: a tenth of the rows (each costs a GIL hand-over)",
     }
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'predictions.db'}"
         upgrade(url)
-        result["sqlite"] = run("sqlite", url, args.rows)
+        ids = measure_ids(sqlite_databases(Path(tmp)), args.prefill, args.rows)
+        result["sqlite"] = {**run("sqlite", url, args.rows), "ids": ids}
     if args.postgres:
-        result["postgresql"] = on_postgres(args.rows)
+        result["postgresql"] = on_postgres(args.rows, args.prefill)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "flush_contention.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS / 'flush_contention.json'}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,12 +46,37 @@ class Prediction:
         }
 
 
+_UUID7_VERSION_AND_VARIANT = (0x7 << 76) | (0b10 << 62)
+_RAND_A, _RAND_B = (1 << 12) - 1, (1 << 62) - 1
+
+
+def prediction_ids(n: int) -> list[str]:
+    """``n`` new prediction ids: UUIDv7 (RFC 9562) as 32 hex digits, the Unix time in milliseconds then 74
+    random bits.
+
+    Time-ordered, so the prediction log's primary-key index grows at its end: with random ids (uuid4) each
+    insert lands on a random page of the index, and SQLite spent 19.7 us of CPU per row on a 200,000-row log
+    where ordered ids take 4.8 us (``bench/flush_contention.py`` measures the flush). The random bits keep
+    ids unguessable; the time in them is the prediction's own, which its client already knows.
+    """
+    prefix = (time.time_ns() // 1_000_000) << 80 | _UUID7_VERSION_AND_VARIANT
+    entropy = os.urandom(10 * n)
+    ids = []
+    for i in range(n):
+        rand = int.from_bytes(entropy[10 * i : 10 * i + 10], "big")
+        ids.append(f"{prefix | ((rand >> 62) & _RAND_A) << 64 | (rand & _RAND_B):032x}")
+    return ids
+
+
 def _predictions(version: str, proba: NDArray[np.float64]) -> list[Prediction]:
     predictions = []
-    for (negative, positive), label in zip(proba.tolist(), decide(proba[:, 1]).tolist(), strict=True):
+    ids = prediction_ids(len(proba))
+    for (negative, positive), label, prediction_id in zip(
+        proba.tolist(), decide(proba[:, 1]).tolist(), ids, strict=True
+    ):
         predictions.append(
             Prediction(
-                id=uuid.uuid4().hex,
+                id=prediction_id,
                 sentiment=LABELS[label],
                 confidence=positive if label else negative,
                 probabilities={LABELS[0]: negative, LABELS[1]: positive},

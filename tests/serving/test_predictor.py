@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from prometheus_client import REGISTRY
 
 from app.monitoring.spool import PredictionSpool
+from app.serving import predictor
 from app.serving.batcher import InferenceBatcher
 from app.serving.models import ServedModel
-from app.serving.predictor import Prediction, Predictor
+from app.serving.predictor import Prediction, Predictor, prediction_ids
 from app.storage.database import Database
 from app.storage.predictions import PredictionRepository
 from app.storage.recorder import PredictionRecorder
@@ -24,6 +27,19 @@ from app.storage.recorder import PredictionRecorder
 def test_as_dict_has_every_field_asdict_has() -> None:
     prediction = Prediction("a" * 32, "positive", 0.8, {"negative": 0.2, "positive": 0.8}, "v1")
     assert prediction.as_dict() == asdict(prediction)
+
+
+def test_prediction_ids_are_uuid7_ordered_by_time_and_unique(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([1_796_000_000_000_000_000, 1_796_000_000_001_000_000])  # two calls, 1 ms apart
+    monkeypatch.setattr(predictor.time, "time_ns", lambda: next(clock))
+    first, second = prediction_ids(1000), prediction_ids(1)
+    assert len(set(first)) == 1000
+    for value in [*first, *second]:
+        parsed = uuid.UUID(hex=value)
+        assert len(value) == 32 and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    assert {int(value[:12], 16) for value in first} == {1_796_000_000_000}
+    assert max(first) < second[0]  # a later millisecond sorts after every id of an earlier one
+    assert len({value[13:] for value in first}) == 1000  # the rest is random
 
 
 class HalfModel:
