@@ -64,7 +64,7 @@ class PredictionOut(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "id": "5b0f3c8e9d2a4f61a7c3e1d09b8f7a65",
+                    "id": "01a2343a47bd7d31ac5af173fedf016d",
                     "sentiment": "positive",
                     "confidence": 0.93,
                     "probabilities": {"negative": 0.07, "positive": 0.93},
@@ -73,7 +73,9 @@ class PredictionOut(BaseModel):
             ]
         },
     )
-    id: str = Field(description="Prediction id; quote it when sending feedback.")
+    id: str = Field(
+        description="Prediction id: a UUIDv7 as 32 hex digits (time-ordered); quote it when sending feedback."
+    )
     sentiment: str = Field(description='"positive" or "negative".')
     confidence: float = Field(ge=0, le=1, description="Probability of the predicted label.")
     probabilities: Probabilities
@@ -220,7 +222,7 @@ class FeedbackIn(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"prediction_id": "5b0f3c8e9d2a4f61a7c3e1d09b8f7a65", "label": "negative"}]},
+        json_schema_extra={"examples": [{"prediction_id": "01a2343a47bd7d31ac5af173fedf016d", "label": "negative"}]},
     )
     prediction_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     label: Literal["negative", "positive"]
