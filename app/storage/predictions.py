@@ -141,8 +141,8 @@ class PredictionRepository(Repository):
         statements of up to 500 rows (:data:`STATEMENT_ROWS`), one transaction. The driver releases the GIL around
         each statement it runs, and a web worker's flush thread then waits for the event loop to hand it back
         (up to the 5 ms switch interval under load): one statement per row (``executemany``) capped a
-        saturated worker's flush near 750 rows/s (1.3 ms per row against 3 µs alone; ``docs/design.md``),
-        so its buffer filled and dropped rows; one per 500 rows costs the flush about 11 µs per row there.
+        saturated worker's flush below the rate it answered, so its buffer filled and dropped rows
+        (``docs/design.md``, write-behind prediction log; ``bench/flush_contention.py`` measures both shapes).
         """
         if not rows:
             return
