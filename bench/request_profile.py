@@ -217,7 +217,7 @@ def components(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from app.serving.models import ServedModel
     from app.serving.predictor import Predictor
     from app.storage.database import Database
-    from app.storage.predictions import PredictionRepository
+    from app.storage.predictions import LOG_COLUMNS, PredictionRepository
     from app.storage.recorder import PredictionRecorder
 
     n, rounds, k = args.number, args.rounds, args.concurrency
@@ -331,22 +331,12 @@ def components(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     result["predictor_us"] = predictor_us
 
     # The pieces of one request's recording.
-    row = {
-        "id": "0" * 32,
-        "created_at": time.time(),
-        "text": TEXT,
-        "text_length": len(TEXT),
-        "sentiment": "positive",
-        "confidence": 0.8,
-        "p_positive": 0.8,
-        "model_version": model.version,
-        "latency_ms": 1.5,
-    }
+    row = ("0" * 32, time.time(), TEXT, len(TEXT), "positive", 0.8, 0.8, model.version, 1.5)  # LOG_COLUMNS
     unspooled = PredictionRecorder(PredictionRepository(database), 0.5, 10**9, max_buffer_bytes=2**40)
     result["recording_pieces_us"] = interleaved(
         {
             "buffer enqueue (record, no spool)": lambda: unspooled.record([row]),
-            "spool append (json + os.write)": lambda: spool.append([row]),
+            "spool append (marshal + os.write)": lambda: spool.append(LOG_COLUMNS, [row]),
         },
         n,
         rounds,
@@ -357,7 +347,7 @@ def components(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     # flushes of 1,000 rows (a worker's half second at 2,000 req/s).
     per_row = []
     for _ in range(max(rounds // 4, 3)):
-        recorder.record([dict(row, id=os.urandom(16).hex()) for _ in range(1000)])
+        recorder.record([(os.urandom(16).hex(), *row[1:]) for _ in range(1000)])
         cpu = time.process_time()
         loop.run_until_complete(recorder.flush())
         per_row.append((time.process_time() - cpu) / 1000 * 1e6)

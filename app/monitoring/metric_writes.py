@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-_BULK_FROM = 8
-"""Lists of at least this many values are bucketed with numpy; below it numpy's call cost exceeds the loop."""
+_BULK_FROM = 80
+"""Lists of at least this many values are bucketed with numpy; below it numpy's fixed cost (about 10 us) exceeds
+the loop's (14 values, a model call's usual rows under load: 8.7 us with numpy, 5.0 us without; even at about 80)."""
 
 
 class LoopBatchedWrites:
@@ -59,19 +60,27 @@ class LoopBatchedWrites:
         self._add(histogram._sum, value)
 
     def observe_many(self, histogram: Histogram, values: Sequence[float]) -> None:
-        """``observe`` for each value (finite ones: a long list is bucketed at once with numpy)."""
-        if len(values) < _BULK_FROM:
-            for value in values:
-                self.observe(histogram, value)
-            return
-        import numpy as np  # here: the supervisor and gunicorn's master import this module, and never call it
-
+        """``observe`` for each value, each touched bucket added to once (a long list is bucketed with numpy)."""
         bounds = histogram._upper_bounds
-        counts = np.bincount(np.searchsorted(bounds, values, side="left"))  # NaN sorts past the last bound
-        for bucket, count in enumerate(counts.tolist()[: len(bounds)]):
+        if len(values) >= _BULK_FROM:
+            import numpy as np  # here: the supervisor and gunicorn's master import this module, and never call it
+
+            per_index = np.bincount(np.searchsorted(bounds, values, side="left")).tolist()[: len(bounds)]
+            counted: Iterable[tuple[int, int]] = enumerate(per_index)
+            total = float(np.sum(values))  # NaN sorts past the last bound: in no bucket, in the sum
+        else:
+            per_bucket: dict[int, int] = {}
+            total = 0.0
+            for value in values:
+                if value <= bounds[-1]:  # false only for NaN
+                    bucket = bisect_left(bounds, value)
+                    per_bucket[bucket] = per_bucket.get(bucket, 0) + 1
+                total += value
+            counted = per_bucket.items()
+        for bucket, count in counted:
             if count:
                 self._add(histogram._buckets[bucket], float(count))
-        self._add(histogram._sum, float(np.sum(values)))
+        self._add(histogram._sum, total)
 
     def flush(self) -> None:
         """Write every gathered amount (each touched value once); amounts that cancelled out are skipped."""

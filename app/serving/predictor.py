@@ -20,9 +20,14 @@ from app.monitoring import metrics
 from app.monitoring.metric_writes import WRITES
 from app.serving.batcher import InferenceBatcher
 from app.serving.models import ModelManager
+from app.storage.predictions import LOG_COLUMNS, LogRow
 from app.storage.recorder import PredictionRecorder
 
 log = structlog.get_logger(__name__)
+
+_TEXT_LENGTH, _SENTIMENT, _CONFIDENCE, _VERSION = (
+    LOG_COLUMNS.index(c) for c in ("text_length", "sentiment", "confidence", "model_version")
+)
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ class Predictor:
         self.models = models
         self.batcher = batcher
         self.recorder = recorder
-        self._staged: list[dict[str, Any]] = []  # rows predicted, not yet counted nor recorded
+        self._staged: list[LogRow] = []  # rows predicted, not yet counted nor recorded
         self._scheduled = False
         self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}  # (version, sentiment) -> metrics
 
@@ -123,20 +128,11 @@ class Predictor:
         latency_ms = (time.perf_counter() - started) * 1000
         now = time.time()
         out.extend(_predictions(version, proba))
-        for text, p in zip(texts, out, strict=True):
-            self._staged.append(
-                {
-                    "id": p.id,
-                    "created_at": now,
-                    "text": text,
-                    "text_length": len(text),
-                    "sentiment": p.sentiment,
-                    "confidence": p.confidence,
-                    "p_positive": p.probabilities[LABELS[1]],
-                    "model_version": version,
-                    "latency_ms": latency_ms,
-                }
-            )
+        positive = LABELS[1]
+        self._staged += [  # in the order of LOG_COLUMNS
+            (p.id, now, text, len(text), p.sentiment, p.confidence, p.probabilities[positive], version, latency_ms)
+            for text, p in zip(texts, out, strict=True)
+        ]
         if not self._scheduled:
             # Before the wake-ups of this batch's callers, which the batcher schedules after this call.
             asyncio.get_running_loop().call_soon(self._record_scheduled)
@@ -159,7 +155,7 @@ class Predictor:
         self.recorder.record(rows)
         confidences: dict[tuple[str, str], list[float]] = {}
         for row in rows:
-            confidences.setdefault((row["model_version"], row["sentiment"]), []).append(row["confidence"])
+            confidences.setdefault((row[_VERSION], row[_SENTIMENT]), []).append(row[_CONFIDENCE])
         for key, values in confidences.items():
             children = self._children.get(key)
             if children is None:
@@ -169,4 +165,4 @@ class Predictor:
                 )
             WRITES.inc(children[0], len(values))
             WRITES.observe_many(children[1], values)
-        WRITES.observe_many(metrics.TEXT_LENGTH, [row["text_length"] for row in rows])
+        WRITES.observe_many(metrics.TEXT_LENGTH, [row[_TEXT_LENGTH] for row in rows])

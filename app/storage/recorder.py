@@ -21,7 +21,6 @@ import hashlib
 import sys
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
 
 import structlog
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
@@ -29,14 +28,16 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyErro
 from app.monitoring.metrics import PREDICTION_LOG_DROPPED, PREDICTION_LOG_ERRORS, PREDICTION_LOG_PENDING
 from app.monitoring.spool import NOT_SPOOLED, PredictionSpool
 from app.settings import Settings
-from app.storage.predictions import PredictionRepository
+from app.storage.predictions import LOG_COLUMNS, LogRow, PredictionRepository
 
 log = structlog.get_logger(__name__)
 
 
-_ROW_BYTES = 700
-"""Memory of one buffered row besides its text: the dict, its id, floats and the buffer's tuple (about
-620 bytes measured, CPython 3.11; ``tests/storage/test_recorder.py`` checks the bound)."""
+_ROW_BYTES = 420
+"""Memory of one buffered row besides its text: its tuple, id, floats and the buffer's tuple (about
+390 bytes measured, CPython 3.11; ``tests/storage/test_recorder.py`` checks the bound)."""
+
+_TEXT = LOG_COLUMNS.index("text")
 
 FLUSH_CHUNK_ROWS = 2000
 """Most rows one insert writes: a flush after an outage drains the buffer in chunks."""
@@ -62,7 +63,7 @@ def _row_specific(exc: Exception) -> bool:
 
 
 def insert_setting_aside(
-    predictions: PredictionRepository, rows: Sequence[dict[str, Any]], settled: bytearray
+    predictions: PredictionRepository, rows: Sequence[LogRow], settled: bytearray
 ) -> list[tuple[int, str]]:
     """Insert ``rows``; return the (index, error type) of each row the database refused on its own.
 
@@ -76,7 +77,7 @@ def insert_setting_aside(
     while ranges:
         low, high = ranges.pop()
         try:
-            predictions.insert_predictions(rows[low:high])
+            predictions.insert_rows(LOG_COLUMNS, rows[low:high])
         except Exception as exc:
             if not _row_specific(exc):
                 raise
@@ -91,7 +92,7 @@ def insert_setting_aside(
     return rejected
 
 
-_Buffered = tuple[int, int, dict[str, Any]]  # (spool segment, bytes in memory, row)
+_Buffered = tuple[int, int, LogRow]  # (spool segment, bytes in memory, row)
 
 
 class PredictionRecorder:
@@ -160,10 +161,11 @@ class PredictionRecorder:
             shutdown_timeout=settings.graceful_timeout_seconds / 2,
         )
 
-    def record(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Buffer the rows of one request (and spool them): on the request path, so cheap and never raising."""
-        segment = self.spool.append(rows) if self.spool is not None else NOT_SPOOLED
-        self._add([(segment, _ROW_BYTES + sys.getsizeof(row["text"]), row) for row in rows])
+    def record(self, rows: Sequence[LogRow]) -> None:
+        """Buffer rows (tuples of :data:`LOG_COLUMNS`) and spool them: on the request path, so cheap and never
+        raising."""
+        segment = self.spool.append(LOG_COLUMNS, rows) if self.spool is not None else NOT_SPOOLED
+        self._add([(segment, _ROW_BYTES + sys.getsizeof(row[_TEXT]), row) for row in rows])
 
     def _add(self, items: list[_Buffered]) -> None:
         self._buffer.extend(items)
@@ -211,10 +213,10 @@ class PredictionRecorder:
         """Buffer the spooled rows of dead workers (not while the database fails: they wait on disk)."""
         if self.spool is None or (self._failing and self._buffer):
             return 0
-        claimed = await asyncio.to_thread(self.spool.claim_orphans)
+        claimed = await asyncio.to_thread(self.spool.claim_orphans, LOG_COLUMNS)
         for segment, rows in claimed:
             self.spool.adopted(segment, len(rows))
-            self._add([(segment, _ROW_BYTES + sys.getsizeof(row.get("text")), row) for row in rows])
+            self._add([(segment, _ROW_BYTES + sys.getsizeof(row[_TEXT]), row) for row in rows])
         return sum(len(rows) for _, rows in claimed)
 
     async def flush(self) -> None:
@@ -257,7 +259,7 @@ class PredictionRecorder:
             raise
         self._settle(chunk, settled)
         for index, reason in rejected:
-            row = rows[index]
+            row = dict(zip(LOG_COLUMNS, rows[index], strict=False))
             log.error(
                 "prediction_log_row_rejected",
                 prediction_id=row.get("id"),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import marshal
+import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -20,7 +21,7 @@ from app.serving.batcher import InferenceBatcher
 from app.serving.models import ServedModel
 from app.serving.predictor import Prediction, Predictor, prediction_ids
 from app.storage.database import Database
-from app.storage.predictions import PredictionRepository
+from app.storage.predictions import LOG_COLUMNS, PredictionRepository
 from app.storage.recorder import PredictionRecorder
 
 
@@ -56,7 +57,7 @@ def _sample(name: str, labels: dict[str, str]) -> float:
 
 def test_one_model_call_is_recorded_with_one_spool_write_before_any_of_its_callers_resumes(tmp_path: Path) -> None:
     """Concurrent requests answered by one model call: every prediction is counted, buffered and spooled
-    (one spool line for the batch) by the time each caller gets its predictions back."""
+    (one spool record for the batch) by the time each caller gets its predictions back."""
     spool = PredictionSpool(tmp_path / "spool")
     spool.open()
     recorder = PredictionRecorder(
@@ -70,7 +71,7 @@ def test_one_model_call_is_recorded_with_one_spool_write_before_any_of_its_calle
 
     async def one(predictor: Predictor, text: str) -> list[Prediction]:
         predictions = await predictor.predict([text])
-        buffered = {row["id"] for _, _, row in recorder._buffer}
+        buffered = {row[0] for _, _, row in recorder._buffer}
         seen_on_return.append(all(p.id in buffered for p in predictions))
         return predictions
 
@@ -78,19 +79,25 @@ def test_one_model_call_is_recorded_with_one_spool_write_before_any_of_its_calle
         batcher = InferenceBatcher(max_batch=64)
         batcher.start()
         predictor = Predictor(models, batcher, recorder)  # type: ignore[arg-type]
-        texts = [f"{'n' if i % 3 == 0 else 'p'} review {i}" for i in range(12)]
         results = await asyncio.gather(*(one(predictor, t) for t in texts))
         await batcher.stop()
         return results
 
+    texts = [f"{'n' if i % 3 == 0 else 'p'} review {i}" for i in range(12)]
     results = asyncio.run(scenario())
     spool.close()
     assert seen_on_return == [True] * 12
     predictions = [p for result in results for p in result]
     assert [p.sentiment for p in predictions] == ["negative" if i % 3 == 0 else "positive" for i in range(12)]
-    (segment,) = (tmp_path / "spool").glob("*.jsonl")
-    lines = segment.read_text().splitlines()
-    assert len(lines) == 1 and [row["id"] for row in json.loads(lines[0])] == [p.id for p in predictions]
+    (segment,) = (tmp_path / "spool").glob("*.spool")
+    data = segment.read_bytes()
+    (length,) = struct.unpack_from("<I", data)
+    assert len(data) == 4 + length  # one record
+    columns, rows = marshal.loads(data[4:])
+    assert columns == LOG_COLUMNS
+    assert [(row[0], row[2], row[4], row[7]) for row in rows] == [
+        (p.id, t, p.sentiment, "v-batch") for p, t in zip(predictions, texts, strict=True)
+    ]
     assert _sample("sentiment_predictions_total", labels) == before + 8
 
 

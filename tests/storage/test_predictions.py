@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.storage.predictions import STATEMENT_ROWS, LabelOutcome, PredictionRepository, statement_sizes
+from app.storage.predictions import LOG_COLUMNS, STATEMENT_ROWS, LabelOutcome, PredictionRepository, statement_sizes
 
 
 def row(i: int, version: str = "v1", created_at: float | None = None, sentiment: str = "positive") -> dict[str, Any]:
@@ -19,6 +19,12 @@ def row(i: int, version: str = "v1", created_at: float | None = None, sentiment:
         "model_version": version,
         "latency_ms": 1.0,
     }
+
+
+def log_row(i: int, **changes: Any) -> tuple[Any, ...]:
+    """:func:`row` as the recorder takes it: a tuple of :data:`LOG_COLUMNS`, with ``changes``."""
+    values = {**row(i), **changes}
+    return tuple(values[c] for c in LOG_COLUMNS)
 
 
 def test_a_versions_accuracy_and_window_can_be_bounded_in_time(predictions: PredictionRepository) -> None:
