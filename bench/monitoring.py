@@ -14,7 +14,8 @@
 4. The naive baseline: the same model behind ``bench/naive_app.py`` (one uvicorn process, one
    ``predict_proba`` per request) under part 1's wrk load. Goal: the service with monitoring on >= 10x.
 5. Part 1's question asked side by side in time: both services run at once on the same cores, each under its
-   own wrk, five runs; the median of the runs' on/off ratios. The machine's swings cancel within a run.
+   own wrk, five runs; the median of the runs' on/off ratios of throughput, and of CPU per request (every
+   process of each service, from /proc: off/on). The machine's swings cancel within a run.
 
 Usage: ``.venv/bin/python -m bench.monitoring [--seconds 15]``; writes ``bench/results/monitoring.json``.
 ``--parts 3`` runs the detection delay alone and only prints it (the results file keeps whole runs).
@@ -277,14 +278,32 @@ def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: in
     }
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system, every thread) the processes of ``root``'s tree have used so far, from /proc."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def concurrent_throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: int) -> dict[str, Any]:
     """Part 5: the service with everything on and the one with it off running at the same time on the same
     cores, each saturated by its own wrk (``-t2``, half of part 1's connections), CONCURRENT_ROUNDS runs of
     ``seconds``; on/off per run and their median.
 
     Both see the same moments of the shared machine, so its swings (which move part 1's sequential rounds by
-    up to 37 points) cancel within a run; what differs is the work each does per request, as both get about
-    half the cores. The drift monitor runs at nice 19, as always, and gets what the saturated workers leave.
+    up to 37 points) cancel within a run. Two ratios per run:
+
+    - throughput, on/off. The scheduler shares the cores between runnable threads, so the "on" service's
+      recorder threads and drift monitor get CPU time besides its workers': this ratio can flatter "on" by the
+      CPU they take.
+    - CPU per request, off/on: every process of each service (all threads, user + system, from /proc) over the
+      requests it answered. It does not depend on how the cores were shared; its inverse is the extra CPU a
+      request costs with monitoring on.
     """
     off = start_service(store, tmp / "concurrent-off.log", SENTIMENT_MONITORING_ENABLED="false")
     try:
@@ -293,26 +312,44 @@ def concurrent_throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], 
             wait_for_monitor(on)
             warm_up(off, env)
             warm_up(on, env)
+            services = {"off": off, "on": on}
             runs: list[dict[str, float]] = []
             with ThreadPoolExecutor(2) as pool:
                 for _ in range(CONCURRENT_ROUNDS):
+                    cpu = {name: tree_cpu_seconds(service.process.pid) for name, service in services.items()}
                     loads = {
                         name: pool.submit(wrk, service.url, "bench/predict.lua", seconds, CONNECTIONS // 2, env)
-                        for name, service in (("off", off), ("on", on))
+                        for name, service in services.items()
                     }
                     rates = {name: float(load.result()["requests_per_s"]) for name, load in loads.items()}
-                    runs.append({**rates, "on_vs_off": rates["on"] / rates["off"]})
+                    cpu_us = {
+                        name: (tree_cpu_seconds(service.process.pid) - cpu[name]) / (rates[name] * seconds) * 1e6
+                        for name, service in services.items()
+                    }
+                    runs.append(
+                        {
+                            **rates,
+                            "on_vs_off": rates["on"] / rates["off"],
+                            "cpu_us_per_request_off": cpu_us["off"],
+                            "cpu_us_per_request_on": cpu_us["on"],
+                            "cpu_per_request_off_vs_on": cpu_us["off"] / cpu_us["on"],
+                        }
+                    )
         finally:
             on.stop()
     finally:
         off.stop()
     ratios = [run["on_vs_off"] for run in runs]
+    cpu_ratios = [run["cpu_per_request_off_vs_on"] for run in runs]
     print(
-        f"concurrent on and off ({CONCURRENT_ROUNDS} runs of {seconds} s): on/off per run "
-        f"{', '.join(f'{r:.1%}' for r in ratios)}, median {np.median(ratios):.1%}",
+        f"concurrent on and off ({CONCURRENT_ROUNDS} runs of {seconds} s): throughput on/off per run "
+        f"{', '.join(f'{r:.1%}' for r in ratios)}, median {np.median(ratios):.1%}; CPU per request off/on per run "
+        f"{', '.join(f'{r:.1%}' for r in cpu_ratios)}, median {np.median(cpu_ratios):.1%} "
+        f"(off {np.median([run['cpu_us_per_request_off'] for run in runs]):.0f} us, "
+        f"on {np.median([run['cpu_us_per_request_on'] for run in runs]):.0f} us)",
         flush=True,
     )
-    return {"runs": runs, "on_vs_off": float(np.median(ratios))}
+    return {"runs": runs, "on_vs_off": float(np.median(ratios)), "cpu_off_vs_on": float(np.median(cpu_ratios))}
 
 
 def naive_baseline(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: int) -> dict[str, Any]:
