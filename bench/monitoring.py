@@ -279,14 +279,16 @@ def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: in
 
 
 def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds (user + system, every thread) the processes of ``root``'s tree have used so far, from /proc."""
+    """CPU seconds (user + system, every thread) the processes of ``root``'s tree have used so far, from /proc,
+    those of its children that exited and were reaped included (a worker gunicorn recycled, a finished retrain):
+    each process's own time plus the time of the children it reaped."""
     total = 0
     for pid in process_tree(root):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # exited meanwhile
             continue
-        total += int(fields[11]) + int(fields[12])
+        total += sum(int(field) for field in fields[11:15])  # utime, stime, cutime, cstime
     return total / os.sysconf("SC_CLK_TCK")
 
 
