@@ -200,6 +200,17 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+async def _adopt_and_write(directory: Path, predictions: PredictionRepository) -> int:
+    """A new worker's recorder on ``directory``: adopt the dead owners' spools, write them, close; rows adopted."""
+    spool = PredictionSpool(directory)
+    spool.open()
+    recorder = PredictionRecorder(predictions, 10, 100, spool=spool)
+    adopted = await recorder.adopt_orphans()
+    await recorder.flush()
+    await recorder.close()
+    return adopted
+
+
 def test_a_killed_workers_spooled_rows_reach_the_log_through_a_survivor(
     tmp_path: Path, predictions: PredictionRepository
 ) -> None:
@@ -209,16 +220,7 @@ def test_a_killed_workers_spooled_rows_reach_the_log_through_a_survivor(
     assert killed.returncode == -signal.SIGKILL
     assert len(list(directory.glob("*.spool"))) == 2
 
-    async def scenario() -> int:
-        spool = PredictionSpool(directory)
-        spool.open()
-        recorder = PredictionRecorder(predictions, 10, 100, spool=spool)
-        adopted = await recorder.adopt_orphans()
-        await recorder.flush()
-        await recorder.close()
-        return adopted
-
-    assert asyncio.run(scenario()) == 31
+    assert asyncio.run(_adopt_and_write(directory, predictions)) == 31
     assert predictions.count_predictions() == 30  # the lone surrogate was rejected again, by the database
     assert list(directory.iterdir()) == []  # everything written: segments and locks gone
 
@@ -305,17 +307,8 @@ def test_segments_of_the_earlier_json_lines_format_are_adopted_and_then_deleted(
     )
     before = dropped("rejected_row")
 
-    async def scenario() -> int:
-        spool = PredictionSpool(directory)
-        spool.open()
-        recorder = PredictionRecorder(predictions, 10, 100, spool=spool)
-        adopted = await recorder.adopt_orphans()
-        await recorder.flush()
-        await recorder.close()
-        return adopted
-
     with capture_logs() as logs:
-        assert asyncio.run(scenario()) == 5
+        assert asyncio.run(_adopt_and_write(directory, predictions)) == 5
     assert predictions.count_predictions() == 4
     stored = predictions.get_prediction("p00003")
     assert stored is not None and stored.text == "text number 3" and stored.latency_ms == 1.0
