@@ -3,8 +3,10 @@
 1. Overhead: wrk (-t2 -c32, one text per request) against the service with metrics, prediction log and
    drift monitor on (the supervised service, as ``scripts/serve`` runs it) and with all of it off
    (``SENTIMENT_MONITORING_ENABLED=false``, plain gunicorn), five rounds in the order off-on, on-off,
-   off-on, ...; the median of the rounds' on/off ratios. Goal: on >= 95 % of off. The drift monitor's CPU
-   seconds a minute during each "on" run are read from /proc.
+   off-on, ...; the median of the rounds' on/off ratios. Goal: on >= 95 % of off. From /proc, for each run:
+   the drift monitor's CPU seconds a minute, the service's CPU per request (off/on per round, like part 5's)
+   and the host's idle and stolen shares of CPU time (a saturated service leaves little idle; steal is
+   another tenant's).
    Meanwhile the resident memory of every process of the service (supervisor, gunicorn master and workers,
    drift monitor) is sampled every 0.5 s (RSS; PSS every 2 s). Goal: the sum stays <= 1 GB.
 2. p99 latency at a fixed moderate load (open loop, 100 req/s) while drift checks run back to back (every
@@ -214,6 +216,30 @@ def warm_up(service: Service, env: dict[str, str]) -> None:
         raise RuntimeError("the drift monitor did not check a full window")
 
 
+def host_cpu_times() -> list[int]:
+    """The host's CPU time so far (all cores, clock ticks) by state, from /proc/stat: user, nice, system, idle,
+    iowait, irq, softirq, steal."""
+    return [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
+def accounted_wrk(service: Service, seconds: int, env: dict[str, str]) -> dict[str, Any]:
+    """Part 1's wrk run, with the service's CPU per request (every process, from /proc) and the host's idle and
+    stolen shares of CPU time (a virtual machine's steal is time its cores ran someone else) over the run."""
+    host, cpu = host_cpu_times(), tree_cpu_seconds(service.process.pid)
+    result = wrk(service.url, "bench/predict.lua", seconds, CONNECTIONS, env)
+    spent = tree_cpu_seconds(service.process.pid) - cpu
+    host = [after - before for before, after in zip(host, host_cpu_times(), strict=True)]
+    result["cpu_us_per_request"] = spent / (result["requests_per_s"] * seconds) * 1e6
+    result["host_idle_share"] = (host[3] + host[4]) / sum(host)
+    result["host_steal_share"] = host[7] / sum(host)
+    return result
+
+
+def host_shares(runs: list[dict[str, Any]]) -> str:
+    """The host's idle / stolen CPU shares of each run, for printing."""
+    return ", ".join(f"{run['host_idle_share']:.0%}/{run['host_steal_share']:.0%}" for run in runs)
+
+
 def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: int) -> dict[str, Any]:
     """Part 1: everything off vs everything on, THROUGHPUT_ROUNDS rounds in alternating order (the machine is
     shared and noisy: in one run, "off" went from 5,133 to 3,547 req/s over its three rounds)."""
@@ -224,7 +250,7 @@ def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: in
         try:
             warm_up(off, env)
             with tree_memory(off.process.pid) as memory:
-                offs.append(wrk(off.url, "bench/predict.lua", seconds, CONNECTIONS, env))
+                offs.append(accounted_wrk(off, seconds, env))
             offs[-1].update(memory)
         finally:
             off.stop()
@@ -237,7 +263,7 @@ def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: in
             warm_up(on, env)
             cpu_before = monitor_cpu_seconds(on.process.pid)
             with tree_memory(on.process.pid) as memory:
-                ons.append(wrk(on.url, "bench/predict.lua", seconds, CONNECTIONS, env))
+                ons.append(accounted_wrk(on, seconds, env))
             ons[-1].update(memory)
             cpu = monitor_cpu_seconds(on.process.pid) - cpu_before
             ons[-1]["monitor_cpu_seconds_per_minute"] = cpu * 60 / seconds
@@ -252,13 +278,16 @@ def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: in
     off_rate = float(np.median([r["requests_per_s"] for r in offs]))
     on_rate = float(np.median([r["requests_per_s"] for r in ons]))
     ratios = paired_ratios(offs, ons)
+    cpu_ratios = [off["cpu_us_per_request"] / on["cpu_us_per_request"] for off, on in zip(offs, ons, strict=True)]
     monitor_cpu = float(np.median([r["monitor_cpu_seconds_per_minute"] for r in ons]))
     tree_peak = max(r["tree_peak_rss_mb"] for r in ons)
     tree_pss = max(r["tree_peak_pss_mb"] for r in ons)
     print(
         f"throughput (medians of {THROUGHPUT_ROUNDS} rounds) off {off_rate:.0f} req/s, on {on_rate:.0f} req/s; on/off "
         f"per round {', '.join(f'{r:.1%}' for r in ratios)}, median {np.median(ratios):.1%} ({checks} drift checks "
-        f"ran meanwhile, the monitor used {monitor_cpu:.1f} CPU s a minute); "
+        f"ran meanwhile, the monitor used {monitor_cpu:.1f} CPU s a minute); CPU per request off/on per round "
+        f"{', '.join(f'{r:.1%}' for r in cpu_ratios)}, median {np.median(cpu_ratios):.1%}; host CPU idle / stolen "
+        f"off {host_shares(offs)}, on {host_shares(ons)}; "
         f"every process of the service with monitoring on: peak {tree_pss:.0f} MB in all (PSS), "
         f"{tree_peak:.0f} MB summed RSS",
         flush=True,
@@ -271,6 +300,8 @@ def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: in
         "throughput_on_vs_off_per_round": ratios,
         "throughput_on_vs_off": float(np.median(ratios)),
         "throughput_on_vs_off_of_medians": on_rate / off_rate,
+        "cpu_per_request_off_vs_on_per_round": cpu_ratios,
+        "cpu_per_request_off_vs_on": float(np.median(cpu_ratios)),
         "service_tree_peak_rss_mb_on": tree_peak,
         "service_tree_peak_rss_mb_off": max(r["tree_peak_rss_mb"] for r in offs),
         "service_tree_peak_pss_mb_on": tree_pss,
