@@ -97,7 +97,7 @@ def test_sigkill_of_a_worker_under_load_loses_at_most_2_percent_of_answered_pred
     found = logged_ids(service, ids)
     missing = len(ids) - len(found)
     print(f"answered {len(ids)}, {len(served_by_victim)} by the killed worker; not logged {missing}")
-    assert len(served_by_victim) > 0.2 * len(ids)  # the killed worker was serving its share
+    assert len(served_by_victim) > 0.1 * len(ids)  # the killed worker was serving (about half when the host is quiet)
     assert after_kill > 0.2 * len(ids)  # the service kept answering
     assert missing <= 0.02 * len(ids)
     # The killed worker's unwritten rows went through its spool to a survivor or to its replacement.
