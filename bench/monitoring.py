@@ -323,6 +323,36 @@ def tree_cpu_seconds(root: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def side_by_side(off: Service, on: Service, rounds: int, seconds: int, env: dict[str, str]) -> list[dict[str, float]]:
+    """``rounds`` runs of ``seconds`` with both services saturated at once, each by its own wrk (``-t2``, half of
+    part 1's connections): per run, each one's requests per second and CPU per request (every process of its
+    tree, from /proc), and the ratios on/off of throughput and off/on of CPU per request."""
+    services = {"off": off, "on": on}
+    runs = []
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(rounds):
+            cpu = {name: tree_cpu_seconds(service.process.pid) for name, service in services.items()}
+            loads = {
+                name: pool.submit(wrk, service.url, "bench/predict.lua", seconds, CONNECTIONS // 2, env)
+                for name, service in services.items()
+            }
+            rates = {name: float(load.result()["requests_per_s"]) for name, load in loads.items()}
+            cpu_us = {
+                name: (tree_cpu_seconds(service.process.pid) - cpu[name]) / (rates[name] * seconds) * 1e6
+                for name, service in services.items()
+            }
+            runs.append(
+                {
+                    **rates,
+                    "on_vs_off": rates["on"] / rates["off"],
+                    "cpu_us_per_request_off": cpu_us["off"],
+                    "cpu_us_per_request_on": cpu_us["on"],
+                    "cpu_per_request_off_vs_on": cpu_us["off"] / cpu_us["on"],
+                }
+            )
+    return runs
+
+
 def concurrent_throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: int) -> dict[str, Any]:
     """Part 5: the service with everything on and the one with it off running at the same time on the same
     cores, each saturated by its own wrk (``-t2``, half of part 1's connections), CONCURRENT_ROUNDS runs of
@@ -345,29 +375,7 @@ def concurrent_throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], 
             wait_for_monitor(on)
             warm_up(off, env)
             warm_up(on, env)
-            services = {"off": off, "on": on}
-            runs: list[dict[str, float]] = []
-            with ThreadPoolExecutor(2) as pool:
-                for _ in range(CONCURRENT_ROUNDS):
-                    cpu = {name: tree_cpu_seconds(service.process.pid) for name, service in services.items()}
-                    loads = {
-                        name: pool.submit(wrk, service.url, "bench/predict.lua", seconds, CONNECTIONS // 2, env)
-                        for name, service in services.items()
-                    }
-                    rates = {name: float(load.result()["requests_per_s"]) for name, load in loads.items()}
-                    cpu_us = {
-                        name: (tree_cpu_seconds(service.process.pid) - cpu[name]) / (rates[name] * seconds) * 1e6
-                        for name, service in services.items()
-                    }
-                    runs.append(
-                        {
-                            **rates,
-                            "on_vs_off": rates["on"] / rates["off"],
-                            "cpu_us_per_request_off": cpu_us["off"],
-                            "cpu_us_per_request_on": cpu_us["on"],
-                            "cpu_per_request_off_vs_on": cpu_us["off"] / cpu_us["on"],
-                        }
-                    )
+            runs = side_by_side(off, on, CONCURRENT_ROUNDS, seconds, env)
         finally:
             on.stop()
     finally:
@@ -482,23 +490,29 @@ def detection_delays(store: ModelRegistry, tmp: Path, in_domain: list[str], clot
     return delays
 
 
+def current_model() -> tuple[ModelRegistry, str, list[str]]:
+    """The store, its current version, and that version's held-out reference texts (shuffled, one per line)."""
+    store = ModelRegistry(Settings().model_store)
+    model = store.load_current()
+    if model is None:
+        raise SystemExit("no current model: run `python -m app.cli train` first")
+    texts = [t.replace("\n", " ") for t in model.read_json(REFERENCE_ARTIFACT)["texts"]]
+    random.Random(0).shuffle(texts)
+    return store, model.version, texts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=30, help="measured wrk run (part 1 and 4)")
     parser.add_argument("--parts", default="1,2,3,4,5", help="comma-separated parts to run (see the module doc)")
     args = parser.parse_args()
     parts = {int(part) for part in args.parts.split(",")}
-    store = ModelRegistry(Settings().model_store)
-    model = store.load_current()
-    if model is None:
-        raise SystemExit("no current model: run `python -m app.cli train` first")
-    in_domain = [t.replace("\n", " ") for t in model.read_json(REFERENCE_ARTIFACT)["texts"]]
-    random.Random(0).shuffle(in_domain)
+    store, version, in_domain = current_model()
     clothing = load_clothing().texts
     random.Random(1).shuffle(clothing)
     results: dict[str, Any] = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model_version": model.version,
+        "model_version": version,
     }
 
     with tempfile.TemporaryDirectory() as tmp_dir:

@@ -17,19 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
-from app.settings import Settings
-from bench.monitoring import tree_cpu_seconds, wait_for_monitor, warm_up
-from bench.serving import CONNECTIONS, RESULTS, wrk
+from app.ml.registry import ModelRegistry
+from bench.monitoring import current_model, side_by_side, wait_for_monitor, warm_up
+from bench.serving import RESULTS
 from tests.integration.services import REPO, start_service
 
 Variant = tuple[str, bool, bool, str]
@@ -66,29 +63,7 @@ def variant_runs(
                 wait_for_monitor(on)
             warm_up(off, env)
             warm_up(on, env)
-            services = {"off": off, "on": on}
-            runs = []
-            with ThreadPoolExecutor(2) as pool:
-                for _ in range(rounds):
-                    cpu = {key: tree_cpu_seconds(service.process.pid) for key, service in services.items()}
-                    loads = {
-                        key: pool.submit(wrk, service.url, "bench/predict.lua", seconds, CONNECTIONS // 2, env)
-                        for key, service in services.items()
-                    }
-                    rates = {key: float(load.result()["requests_per_s"]) for key, load in loads.items()}
-                    us = {
-                        key: (tree_cpu_seconds(service.process.pid) - cpu[key]) / (rates[key] * seconds) * 1e6
-                        for key, service in services.items()
-                    }
-                    runs.append(
-                        {
-                            "off_requests_per_s": rates["off"],
-                            "on_requests_per_s": rates["on"],
-                            "cpu_us_per_request_off": us["off"],
-                            "cpu_us_per_request_on": us["on"],
-                            "cpu_per_request_off_vs_on": us["off"] / us["on"],
-                        }
-                    )
+            runs = side_by_side(off, on, rounds, seconds, env)
         finally:
             on.stop()
     finally:
@@ -101,15 +76,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=20, help="each concurrent run")
     parser.add_argument("--rounds", type=int, default=4, help="concurrent runs per variant")
     args = parser.parse_args()
-    store = ModelRegistry(Settings().model_store)
-    model = store.load_current()
-    if model is None:
-        raise SystemExit("no current model: run `python -m app.cli train` first")
-    texts = [t.replace("\n", " ") for t in model.read_json(REFERENCE_ARTIFACT)["texts"]]
-    random.Random(0).shuffle(texts)
+    store, version, texts = current_model()
     results: dict[str, Any] = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model_version": model.version,
+        "model_version": version,
         "load_average_start": os.getloadavg(),
         "variants": [],
     }
