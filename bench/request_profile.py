@@ -35,7 +35,6 @@ import json
 import linecache
 import os
 import platform
-import random
 import subprocess
 import sys
 import tempfile
@@ -703,20 +702,14 @@ def main() -> None:
         # Before anything imports prometheus_client: this process writes its metrics as a worker does.
         (tmp / "metrics").mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / "metrics")
-        from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
-        from app.settings import Settings
+        from bench.monitoring import current_model
 
-        store = ModelRegistry(Settings().model_store)
-        model = store.load_current()
-        if model is None:
-            raise SystemExit("no current model: run `python -m app.cli train` first")
-        texts = [t.replace("\n", " ") for t in model.read_json(REFERENCE_ARTIFACT)["texts"]]
-        random.Random(0).shuffle(texts)
+        store, version, texts = current_model()
         results: dict[str, Any] = {
             "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": " ".join([".venv/bin/python -m bench.request_profile", *sys.argv[1:]]),
             "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()},
-            "model_version": model.version,
+            "model_version": version,
         }
         # Log lines go to a file, as a worker's go to its stdout.
         with (tmp / "worker-stdout.log").open("w") as log_file, contextlib.redirect_stdout(log_file):
