@@ -31,6 +31,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
@@ -59,8 +60,21 @@ predictions = Table(
     Column("label_source", String(64), nullable=True),  # the name of the feedback token that sent the label
     Index("ix_predictions_version_time", "model_version", "created_at"),
     Index("ix_predictions_time", "created_at"),
-    Index("ix_predictions_labelled_at", "labelled_at"),
+    # Labelled rows only: a prediction is written unlabelled, so a full index would take one NULL entry per
+    # insert and leave every "latest labels" query walking past all of them (see LABELLED).
+    Index(
+        "ix_predictions_labelled_at",
+        "labelled_at",
+        sqlite_where=text("labelled_at IS NOT NULL"),
+        postgresql_where=text("labelled_at IS NOT NULL"),
+    ),
 )
+
+LABELLED = predictions.c.labelled_at.is_not(None)
+"""Whether a prediction carries a feedback label. Its label, label time and source are set and cleared
+together; testing the time lets every query of labelled rows read the partial ``ix_predictions_labelled_at``
+(the labelled rows) instead of walking every row of the log, as ``label IS NOT NULL`` made it do
+(``tests/storage/test_predictions.py`` checks the query plans)."""
 
 # INSERT ... ON CONFLICT (id) DO NOTHING, by SQLAlchemy dialect name.
 INSERT_IGNORING_DUPLICATES: dict[str, Callable[[Table], sqlite.Insert | postgresql.Insert]] = {

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Integer, delete, func, insert, select, update
 from sqlalchemy.sql.expression import Executable, Update
 
-from app.storage.database import INSERT_IGNORING_DUPLICATES, Database, Repository, predictions
+from app.storage.database import INSERT_IGNORING_DUPLICATES, LABELLED, Database, Repository, predictions
 
 LEGACY_SOURCE = "legacy"
 """The source name of labels recorded before labels carried one (``label_source`` NULL)."""
@@ -134,11 +134,7 @@ def purge_labels_statement(source: str) -> Update:
     carried their source."""
     column = predictions.c.label_source
     sent_by = column.is_(None) if source == LEGACY_SOURCE else column == source
-    return (
-        update(predictions)
-        .where(predictions.c.label.is_not(None), sent_by)
-        .values(label=None, labelled_at=None, label_source=None)
-    )
+    return update(predictions).where(LABELLED, sent_by).values(label=None, labelled_at=None, label_source=None)
 
 
 class PredictionRepository(Repository):
@@ -246,7 +242,7 @@ class PredictionRepository(Repository):
         """Accuracy over the ``last`` most recently labelled predictions, and how many there were."""
         recent = (
             select(predictions.c.sentiment, predictions.c.label)
-            .where(predictions.c.label.is_not(None))
+            .where(LABELLED)
             .order_by(predictions.c.labelled_at.desc())
             .limit(last)
             .subquery()
@@ -284,7 +280,7 @@ class PredictionRepository(Repository):
         """(right, labelled) over the labelled predictions of ``model_version`` made after ``since`` and before
         ``before`` when given, the ``last`` most recent of them if given: its realised accuracy on feedback."""
         query = select(predictions.c.sentiment, predictions.c.label).where(
-            predictions.c.model_version == model_version, predictions.c.label.is_not(None)
+            predictions.c.model_version == model_version, LABELLED
         )
         if since is not None:
             query = query.where(predictions.c.created_at > since)
@@ -312,7 +308,7 @@ class PredictionRepository(Repository):
         source = func.coalesce(predictions.c.label_source, LEGACY_SOURCE).label("source")
         query = select(
             predictions.c.id, predictions.c.text, predictions.c.label, predictions.c.labelled_at, source
-        ).where(predictions.c.label.is_not(None))
+        ).where(LABELLED)
         if since is not None:
             query = query.where(predictions.c.labelled_at > since)
         with self.engine.connect() as conn:
@@ -328,7 +324,7 @@ class PredictionRepository(Repository):
                 func.min(predictions.c.labelled_at).label("first_labelled_at"),
                 func.max(predictions.c.labelled_at).label("last_labelled_at"),
             )
-            .where(predictions.c.label.is_not(None))
+            .where(LABELLED)
             .group_by(source)
             .order_by(source)
         )
@@ -358,7 +354,7 @@ class PredictionRepository(Repository):
         no such bound. Returns how many rows went.
         """
         now = now or time.time()
-        unlabelled = predictions.c.label.is_(None)
+        unlabelled = ~LABELLED
         deleted = self._enforce_labelled_retention(max_labelled_rows, max_labelled_age_seconds, now)
         with self.engine.begin() as conn:
             deleted += conn.execute(
@@ -378,23 +374,22 @@ class PredictionRepository(Repository):
         return int(deleted)
 
     def _enforce_labelled_retention(self, max_rows: int | None, max_age_seconds: float | None, now: float) -> int:
-        labelled = predictions.c.label.is_not(None)
         deleted = 0
         with self.engine.begin() as conn:
             if max_age_seconds is not None:
                 deleted += conn.execute(
-                    delete(predictions).where(labelled, predictions.c.labelled_at < now - max_age_seconds)
+                    delete(predictions).where(LABELLED, predictions.c.labelled_at < now - max_age_seconds)
                 ).rowcount
             if max_rows is not None:
                 cutoff = conn.execute(
                     select(predictions.c.labelled_at)
-                    .where(labelled)
+                    .where(LABELLED)
                     .order_by(predictions.c.labelled_at.desc())
                     .offset(max_rows)
                     .limit(1)
                 ).scalar()
                 if cutoff is not None:
                     deleted += conn.execute(
-                        delete(predictions).where(labelled, predictions.c.labelled_at <= cutoff)
+                        delete(predictions).where(LABELLED, predictions.c.labelled_at <= cutoff)
                     ).rowcount
         return int(deleted)

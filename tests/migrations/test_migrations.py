@@ -174,6 +174,38 @@ def test_the_feedback_sources_revision_adds_and_drops_its_table(url: str) -> Non
     log.dispose()
 
 
+def labelled_index_condition(url: str) -> str | None:
+    """The WHERE of ``ix_predictions_labelled_at`` as the database reflects it (None: a full index)."""
+    engine = create_engine(url)
+    try:
+        (index,) = [i for i in inspect(engine).get_indexes("predictions") if i["name"] == "ix_predictions_labelled_at"]
+    finally:
+        engine.dispose()
+    where = next((v for k, v in index.get("dialect_options", {}).items() if k.endswith("_where")), None)
+    return None if where is None else str(where)
+
+
+def test_the_labelled_index_revision_makes_it_partial_and_gives_labels_a_time(url: str) -> None:
+    """Up: the index holds the labelled rows only, and a label without a time (the queries know labels by
+    their time) takes its prediction's; down: the full index of the release before."""
+    upgrade(url)
+    assert "labelled_at IS NOT NULL" in (labelled_index_condition(url) or "")
+    assert migrations.downgrade(url, "a9e3f27c4d15").current == "a9e3f27c4d15"
+    assert labelled_index_condition(url) is None
+    log = Repositories.connect(url)
+    log.predictions.insert_predictions([row(1), row(2)])
+    log.dispose()
+    engine = create_engine(url)
+    with engine.begin() as connection:  # a hand-made label, with no time
+        connection.execute(text("UPDATE predictions SET label = 'positive' WHERE id = 'p00001'"))
+    engine.dispose()
+    assert upgrade(url).up_to_date
+    assert "labelled_at IS NOT NULL" in (labelled_index_condition(url) or "")
+    log = Repositories.connect(url)
+    assert [(r.id, r.labelled_at) for r in log.predictions.labelled()] == [("p00001", row(1)["created_at"])]
+    log.dispose()
+
+
 def test_every_revision_downgrades_to_an_empty_database(url: str) -> None:
     upgrade(url)
     assert migrations.downgrade(url, "base").current is None

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
+
+from sqlalchemy import event
 
 from app.storage.predictions import LOG_COLUMNS, STATEMENT_ROWS, LabelOutcome, PredictionRepository, statement_sizes
 
@@ -66,6 +70,56 @@ def test_live_accuracy_covers_the_most_recently_labelled(predictions: Prediction
     assert predictions.live_accuracy(last=10) == (0.5, 4)
     assert predictions.live_accuracy(last=2) == (0.0, 2)  # the two latest were wrong
     assert [r.label for r in predictions.labelled()] == ["positive", "positive", "negative", "negative"]
+
+
+def plans(predictions: PredictionRepository, call: Callable[[], object]) -> dict[str, list[str]]:
+    """SQLite's query plan (``EXPLAIN QUERY PLAN``) of each statement ``call`` runs, by statement."""
+    statements: list[tuple[str, Any]] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        statements.append((statement, parameters))
+
+    engine = predictions.engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        call()
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    with engine.connect() as conn:
+        return {
+            statement: [step for *_, step in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)]
+            for statement, parameters in statements
+            if statement.lstrip().startswith(("SELECT", "DELETE", "UPDATE"))
+        }
+
+
+def test_queries_of_labelled_rows_read_the_labelled_rows_only(predictions: PredictionRepository) -> None:
+    """The drift monitor asks for the latest labels every second and the log holds up to a million unlabelled
+    predictions: each query of labelled rows finds them through the partial index of labelled rows, never by
+    walking the table or an index over every prediction."""
+    predictions.insert_predictions([row(i) for i in range(50)])
+    predictions.set_label("p00001", "positive", source="web", now=2000.0)
+    calls: dict[str, Callable[[], object]] = {
+        "live accuracy": lambda: predictions.live_accuracy(500),
+        "labelled rows": predictions.labelled,
+        "labelled rows since": lambda: predictions.labelled(since=1500.0),
+        "label sources": predictions.label_sources,
+        "labelled retention": lambda: predictions.enforce_retention(
+            10**6, 10**9, 3000.0, max_labelled_rows=1, max_labelled_age_seconds=10**9
+        ),
+        "purge": lambda: predictions.purge_labels("nobody"),
+    }
+    for name, call in calls.items():
+        ran = plans(predictions, call)
+        labelled = {s: plan for s, plan in ran.items() if re.search(r"label(led_at)? IS NOT NULL", s)}
+        assert labelled, f"{name}: no query of labelled rows ran"
+        for statement, plan in labelled.items():
+            assert any(re.search(r"USING (COVERING )?INDEX ix_predictions_labelled_at\b", step) for step in plan), (
+                name,
+                statement,
+                plan,
+            )
+            assert not any(step.startswith("SCAN predictions") for step in plan), (name, statement, plan)
 
 
 def test_retention_drops_old_and_excess_unlabelled_rows_but_keeps_labels(predictions: PredictionRepository) -> None:
