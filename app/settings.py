@@ -217,11 +217,12 @@ class Settings(BaseSettings):
         "larger of the two rules).",
     )
     drift_busy_cpu_share: float = Field(
-        0.03,
+        0.01,
         gt=0,
         le=1,
-        description="Share of one core drift checks may use while the host's CPUs are saturated; between idle and "
-        "saturated the share moves with the square of the host's idle CPU share (averaged over about 10 s).",
+        description="Share of one core drift checks may use while the host's CPUs are saturated (each of those "
+        "cycles is one the web workers lose); between idle and saturated the share moves with the square of the "
+        "host's idle CPU share (averaged over about 10 s).",
     )
     drift_p_value: float = Field(
         0.05, gt=0, lt=1, description="Family-wise significance of the drift verdict (Bonferroni over the drift tests)."
