@@ -168,8 +168,8 @@ def main() -> None:
         "load_average": os.getloadavg(),
     }
     print(f"SQLite log of {args.rows:,} unlabelled predictions ({size_mb:.0f} MB): ms per call, code / release before")
-    for query, forms in measured.items():
-        print(f"  {query}: {forms['code']:.2f} / {forms['before']:.2f} ({forms['before'] / forms['code']:.0f}x)")
+    for query, ms in measured.items():
+        print(f"  {query}: {ms['code']:.2f} / {ms['before']:.2f} ({ms['before'] / ms['code']:.0f}x)")
     print(
         f"insert CPU per row (500-row statements, best of {args.rounds}): code {min(inserts['code']):.1f} us, "
         f"before {min(inserts['before']):.1f} us"

@@ -60,8 +60,8 @@ predictions = Table(
     Column("label_source", String(64), nullable=True),  # the name of the feedback token that sent the label
     Index("ix_predictions_version_time", "model_version", "created_at"),
     Index("ix_predictions_time", "created_at"),
-    # Labelled rows only: a prediction is written unlabelled, so a full index would take one NULL entry per
-    # insert and leave every "latest labels" query walking past all of them (see LABELLED).
+    # Labelled rows only (the queries of labelled rows test LABELLED): predictions are written unlabelled, and no
+    # query reads the NULL entry a full index would add for each.
     Index(
         "ix_predictions_labelled_at",
         "labelled_at",

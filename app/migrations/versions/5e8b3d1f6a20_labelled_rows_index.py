@@ -1,8 +1,7 @@
 """predictions: ix_predictions_labelled_at covers the labelled rows only (a partial index).
 
 Every query of labelled rows tests ``labelled_at IS NOT NULL`` (:data:`app.storage.database.LABELLED`) and reads
-this index; with one NULL entry per unlabelled prediction it made them walk the whole log, and each insert
-paid for an entry no query wants.
+this index; the NULL entry a full index adds for each unlabelled prediction is one no query reads.
 
 Revision ID: 5e8b3d1f6a20
 Revises: a9e3f27c4d15
