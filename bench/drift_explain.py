@@ -42,8 +42,8 @@ from app.ml.registry import REFERENCE_ARTIFACT, LoadedModel, ModelRegistry
 from app.ml.train import split_holdout, train_and_register
 from app.monitoring.explain import MAX_WINDOW_ROWS, TermCounts, count_terms, explain
 from app.settings import Settings
+from bench.output import write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WINDOW = int(Settings.model_fields["drift_window_size"].default)
 LARGE_WINDOWS = 5  # windows of MAX_WINDOW_ROWS per pool, for the bound
 MEMORY_WINDOWS = 3  # explanations per scenario in the memory subprocess
@@ -206,8 +206,7 @@ def main() -> None:
         results["memory"] = monitor_memory(store, memory_windows, Path(tmp))
         print("memory", results["memory"], flush=True)
     results["seconds"] = round(time.time() - started)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "drift_explain.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_results("drift_explain", results, ensure_ascii=False)
     print_table(results)
     print(f"done in {results['seconds']} s; wrote bench/results/drift_explain.json")
 

@@ -45,8 +45,8 @@ from app.ml.registry import ModelRegistry
 from app.ml.train import split_holdout, train_and_register
 from app.monitoring.drift import DriftDetector, DriftResult, Window, family_names
 from app.monitoring.mmd import DEFAULT_ENGINE, ENGINES
+from bench.output import write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ALPHA = 0.05
 PERMUTATIONS = 100
 BASELINE = "builtin-seed-1"
@@ -315,8 +315,7 @@ def main() -> None:
         print("agreement", results["engine_agreement"], results["monte_carlo_baseline"], flush=True)
         print("seconds per check", results["seconds_per_check"], flush=True)
     results["seconds"] = round(time.time() - started)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "drift_quality.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("drift_quality", results)
     print(f"done in {results['seconds']} s; wrote bench/results/drift_quality.json")
 
 

@@ -24,7 +24,6 @@ Usage: ``.venv/bin/python -m bench.estimated_accuracy [--windows 100]``; writes
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,8 +44,8 @@ from app.ml.pipeline import ModelParams
 from app.ml.registry import ModelRegistry
 from app.ml.train import split_holdout, train_and_register
 from app.monitoring.performance import AccuracyEstimate, estimate_accuracy, estimated_drop, reference_estimate
+from bench.output import write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WINDOW = 500
 HOLDOUT_FRACTION = 0.5
 DROP_POINTS = (2, 2.5, 3, 4, 5)
@@ -235,8 +234,7 @@ def main() -> None:
     default = results["sources"]["default"]["windows"]["in_domain"]
     results["goal_met"] = default["abs_error_mean_points"] <= GOAL_POINTS
     results["seconds"] = round(time.time() - started)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "estimated_accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("estimated_accuracy", results)
     print_table(results)
     print(f"done in {results['seconds']} s; wrote bench/results/estimated_accuracy.json")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import tempfile
 import threading
@@ -30,7 +29,7 @@ from app.serving.predictor import prediction_ids
 from app.storage import predictions as prediction_storage
 from app.storage.database import Database
 from app.storage.predictions import PredictionRepository
-from bench.serving import RESULTS
+from bench.output import write_results
 
 
 def random_ids(n: int) -> list[str]:
@@ -201,9 +200,7 @@ def main() -> None:
         result["sqlite"] = {**run("sqlite", url, args.rows), "ids": ids}
     if args.postgres:
         result["postgresql"] = on_postgres(args.rows, args.prefill)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "flush_contention.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'flush_contention.json'}")
+    print(f"wrote {write_results('flush_contention', result)}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Usage: ``.venv/bin/python -m bench.log_queries [--rows 1000000]``; writes ``benc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -30,7 +29,7 @@ from app.serving.predictor import prediction_ids
 from app.storage import predictions as prediction_storage
 from app.storage.database import LABELLED, Database, predictions
 from app.storage.predictions import LOG_COLUMNS, PredictionRepository
-from bench.serving import RESULTS
+from bench.output import write_results
 
 PARTIAL_INDEX_REVISION, FULL_INDEX_REVISION = "5e8b3d1f6a20", "a9e3f27c4d15"
 CHUNK = 2000
@@ -175,8 +174,7 @@ def main() -> None:
         f"before {min(inserts['before']):.1f} us"
     )
     print(f"revision {PARTIAL_INDEX_REVISION} on the full log: {', '.join(f'{s:.2f}' for s in migration_seconds)} s")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "log_queries.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("log_queries", results)
     print("wrote bench/results/log_queries.json")
 
 

@@ -45,7 +45,8 @@ from app.ml.registry import ModelRegistry
 from app.ml.train import train_and_register
 from app.monitoring.mmd import ENGINES
 from app.settings import Settings
-from bench.serving import RESULTS, rss_mb
+from bench.output import RESULTS
+from bench.serving import rss_mb
 from tests.integration.services import Service, start_service, wait_for
 
 REQUESTS = 320

@@ -20,7 +20,6 @@ Usage: ``.venv/bin/python -m bench.metrics_render [--processes 300]``; writes
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -33,7 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.output import write_results
+
 LIVE = 4
 ROUTES = ("/v1/predict", "/v1/predict", "/v1/predict", "/v1/predict/batch", "/v1/feedback", "/healthz", "/metrics")
 STATUSES = ("200", "200", "200", "200", "422", "503")
@@ -209,8 +209,7 @@ def main() -> None:
         "max_relative_difference_of_float_sums": worst,
         "repeats": args.repeats,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "metrics_render.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("metrics_render", results)
     print(
         f"{args.processes} dead processes, {files_before['files']} files ({files_before['bytes'] / 1e6:.1f} MB): "
         f"render {before_cpu:.3f} s CPU -> compaction {compact_cpu:.3f} s CPU ({compaction.merged_files} files "

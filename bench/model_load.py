@@ -30,8 +30,8 @@ from app.ml.data import load_rotten_tomatoes
 from app.ml.registry import METADATA, MODEL_ARTIFACT, ModelRegistry, sha256_file
 from app.ml.train import train_and_register
 from app.serving.models import ModelManager
+from bench.output import write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 REPEATS = 5
 
 
@@ -115,8 +115,7 @@ def main() -> None:
             f"{r['swap_worst_loop_stall_ms']:5.1f} ms, {r['swap_loop_stalls_over_5ms_total_ms']:5.0f} ms stalled > 5 ms"
         )
     print(f"load speed-up {results['load_speedup']:.1f}x")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "model_load.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("model_load", results)
     print("wrote bench/results/model_load.json")
 
 

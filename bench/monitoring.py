@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import random
 import subprocess
@@ -49,7 +48,8 @@ import numpy as np
 from app.ml.data import load_clothing
 from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
 from app.settings import Settings
-from bench.serving import CONNECTIONS, RESULTS, rss_mb, wrk
+from bench.output import write_results
+from bench.serving import CONNECTIONS, rss_mb, wrk
 from tests.conftest import free_port
 from tests.integration.services import REPO, Service, start_service, wait_for
 
@@ -551,8 +551,7 @@ def main() -> None:
 
     if parts != {1, 2, 3, 4, 5}:
         return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "monitoring.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("monitoring", results)
     print("wrote bench/results/monitoring.json")
 
 

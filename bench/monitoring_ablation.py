@@ -15,7 +15,6 @@ Usage: ``.venv/bin/python -m bench.monitoring_ablation [--seconds 20] [--rounds 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from datetime import UTC, datetime
@@ -26,7 +25,7 @@ import numpy as np
 
 from app.ml.registry import ModelRegistry
 from bench.monitoring import current_model, side_by_side, wait_for_monitor, warm_up
-from bench.serving import RESULTS
+from bench.output import write_results
 from tests.integration.services import REPO, start_service
 
 Variant = tuple[str, bool, bool, str]
@@ -100,8 +99,7 @@ def main() -> None:
                 {"name": variant[0].strip(), "ablate": variant[3], "runs": runs, "cpu_off_vs_on": median}
             )
     results["load_average_end"] = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "monitoring_ablation.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("monitoring_ablation", results)
     print("wrote bench/results/monitoring_ablation.json")
 
 

@@ -47,7 +47,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.output import RESULTS
+
 TEXT = "a quiet, funny film that knows exactly what it wants to be and gets there without a wasted scene"
 ROUTE_PATH = "/v1/predict"
 SAMPLE_RATE = 200

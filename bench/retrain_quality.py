@@ -39,10 +39,10 @@ from app.settings import Settings
 from app.storage.database import Database
 from app.storage.predictions import PredictionRepository
 from bench.monitoring import open_loop, percentile
+from bench.output import RESULTS
 from tests.integration.services import start_service
 from tests.traffic import log_predictions
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FEEDBACK = 2000
 ROUNDS = 3
 GATE_REPEATS = 5

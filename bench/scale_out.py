@@ -61,7 +61,7 @@ from app.storage.recorder import FLUSH_CHUNK_ROWS
 from app.storage.retrain_jobs import RetrainJobRepository
 from bench.backing import SharedServices, shared_services
 from bench.loadgen import STATS, Tally, closed_loop, open_loop, post_json, run_async
-from bench.serving import RESULTS
+from bench.output import write_results
 from bench.soak import cpu_seconds, train
 from tests.integration.services import REPO, Service, start_service, wait_for
 from tests.traffic import log_predictions
@@ -596,8 +596,7 @@ def main() -> None:
         "retrain_p99": retrains,
         "client_connection_events": dict(STATS),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale_out.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("scale_out", results)
     print_tables(results)
     print("wrote bench/results/scale_out.json")
 

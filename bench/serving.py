@@ -16,7 +16,6 @@ Usage: ``.venv/bin/python -m bench.serving [--seconds 15]``. Prints a table and 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import re
@@ -31,9 +30,9 @@ from typing import Any
 from app.ml.registry import REFERENCE_ARTIFACT, ModelRegistry
 from app.serving.models import prepare
 from app.settings import Settings
+from bench.output import write_results
 from tests.integration.services import REPO, Service, start_service
 
-RESULTS = REPO / "bench" / "results"
 CONNECTIONS = 32
 BATCH = 64
 
@@ -141,8 +140,7 @@ def main() -> None:
         "batch_vs_in_process_pipeline": batch["texts_per_s"] / limit["pipeline_texts_per_s"],
         "worker_rss_mb": workers,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("serving", results)
     print(
         f"floor            {floor_run['requests_per_s']:9.0f} req/s  p50 {floor_run['p50_ms']:6.2f} ms  "
         f"p99 {floor_run['p99_ms']:6.2f} ms"

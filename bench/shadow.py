@@ -37,9 +37,9 @@ from app.retrain.shadow import ShadowRules, shadow_candidate
 from app.settings import Settings
 from app.storage.database import Database
 from app.storage.predictions import PredictionRepository
+from bench.output import RESULTS
 from tests.traffic import log_predictions
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FEEDBACK, LIVE = 1500, 500
 SMALL_ROWS = 150
 

@@ -60,7 +60,8 @@ from bench.loadgen import (
     prediction_id,
     run_async,
 )
-from bench.serving import RESULTS, rss_mb
+from bench.output import write_results
+from bench.serving import rss_mb
 from tests.integration.services import REPO, Daemon, Service, start_prometheus, start_service, wait_for
 
 CONNECTIONS = 32
@@ -452,8 +453,7 @@ def main() -> None:
         },
         "goals": goals(run, rows, log, failed_scrapes),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("soak", results)
 
     pids = run["sampler"].pids
     print(
