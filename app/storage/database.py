@@ -31,7 +31,6 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
-    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
@@ -60,14 +59,6 @@ predictions = Table(
     Column("label_source", String(64), nullable=True),  # the name of the feedback token that sent the label
     Index("ix_predictions_version_time", "model_version", "created_at"),
     Index("ix_predictions_time", "created_at"),
-    # Labelled rows only (the queries of labelled rows test LABELLED): predictions are written unlabelled, and no
-    # query reads the NULL entry a full index would add for each.
-    Index(
-        "ix_predictions_labelled_at",
-        "labelled_at",
-        sqlite_where=text("labelled_at IS NOT NULL"),
-        postgresql_where=text("labelled_at IS NOT NULL"),
-    ),
 )
 
 LABELLED = predictions.c.labelled_at.is_not(None)
@@ -75,6 +66,10 @@ LABELLED = predictions.c.labelled_at.is_not(None)
 together; testing the time lets every query of labelled rows read the partial ``ix_predictions_labelled_at``
 (the labelled rows) instead of walking every row of the log, as ``label IS NOT NULL`` made it do
 (``tests/storage/test_predictions.py`` checks the query plans)."""
+
+# Labelled rows only, by the same condition: predictions are written unlabelled, and no query reads the NULL
+# entry a full index would add for each.
+Index("ix_predictions_labelled_at", predictions.c.labelled_at, sqlite_where=LABELLED, postgresql_where=LABELLED)
 
 # INSERT ... ON CONFLICT (id) DO NOTHING, by SQLAlchemy dialect name.
 INSERT_IGNORING_DUPLICATES: dict[str, Callable[[Table], sqlite.Insert | postgresql.Insert]] = {
