@@ -43,13 +43,14 @@ ID_SCHEMES: dict[str, Callable[[int], list[str]]] = {
 }
 
 
-def rows(n: int, ids: Callable[[int], list[str]] = prediction_ids) -> list[dict[str, Any]]:
-    """Rows shaped as the recorder buffers them (a 96-character text, as a typical review)."""
+def rows(n: int, ids: Callable[[int], list[str]] = prediction_ids, start: float | None = None) -> list[dict[str, Any]]:
+    """Prediction rows with a 96-character text, as a typical review: all made now, or a second apart from
+    ``start``."""
     now = time.time()
     return [
         {
             "id": prediction_id,
-            "created_at": now,
+            "created_at": now if start is None else start + i,
             "text": "a film with more heart than sense, and a plot that never quite holds together, sadly",
             "text_length": 96,
             "sentiment": "positive",
@@ -58,7 +59,7 @@ def rows(n: int, ids: Callable[[int], list[str]] = prediction_ids) -> list[dict[
             "model_version": "v20261201T000000Z-000000",
             "latency_ms": 4.2,
         }
-        for prediction_id in ids(n)
+        for i, prediction_id in enumerate(ids(n))
     ]
 
 

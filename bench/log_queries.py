@@ -18,17 +18,17 @@ import argparse
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from app import migrations
 from app.migrations import upgrade
-from app.serving.predictor import prediction_ids
 from app.storage import predictions as prediction_storage
 from app.storage.database import LABELLED, Database, predictions
-from app.storage.predictions import LOG_COLUMNS, PredictionRepository
+from app.storage.predictions import PredictionRepository
+from bench.flush_contention import rows as prediction_rows
 from bench.output import write_results
 
 PARTIAL_INDEX_REVISION, FULL_INDEX_REVISION = "5e8b3d1f6a20", "a9e3f27c4d15"
@@ -38,28 +38,15 @@ LABEL_COUNTS = (200, 2000)  # below and above the live window
 BEFORE = predictions.c.label.is_not(None)  # the release before: a label known by its value
 
 
-def fill(repository: PredictionRepository, rows: int, start: float) -> None:
-    """Insert ``rows`` unlabelled predictions a second apart from ``start``, as the recorder does."""
-    text_value = "a film with more heart than sense, and a plot that never quite holds together, sadly"
+def chunks(rows: int, start: float) -> Iterator[list[dict[str, Any]]]:
+    """``rows`` unlabelled predictions a second apart from ``start``, in the recorder's chunks."""
     for low in range(0, rows, CHUNK):
-        count = min(CHUNK, rows - low)
-        values = {
-            "text": text_value,
-            "text_length": len(text_value),
-            "sentiment": "positive",
-            "confidence": 0.83,
-            "p_positive": 0.83,
-            "model_version": "v20261201T000000Z-000000",
-            "latency_ms": 4.2,
-            "label": None,
-            "labelled_at": None,
-            "label_source": None,
-        }
-        batch = []
-        for i, prediction_id in enumerate(prediction_ids(count)):
-            values.update(id=prediction_id, created_at=start + low + i)
-            batch.append(tuple(values[c] for c in LOG_COLUMNS))
-        repository.insert_rows(LOG_COLUMNS, batch)
+        yield prediction_rows(min(CHUNK, rows - low), start=start + low)
+
+
+def fill(repository: PredictionRepository, rows: int, start: float) -> None:
+    for chunk in chunks(rows, start):
+        repository.insert_predictions(chunk)
 
 
 def label(repository: PredictionRepository, count: int) -> None:
@@ -83,9 +70,12 @@ def best(call: Callable[[], object], repeat: int) -> float:
 
 
 def insert_us_per_row(repository: PredictionRepository, rows: int, start: float) -> float:
-    """CPU microseconds per row (this process, SQLite's work included) of inserting ``rows`` more."""
+    """CPU microseconds per row (this process, SQLite's work included) of inserting ``rows`` more, in the
+    recorder's chunks; the rows are built before the clock starts."""
+    built = list(chunks(rows, start))
     started = time.process_time()
-    fill(repository, rows, start)
+    for chunk in built:
+        repository.insert_predictions(chunk)
     return (time.process_time() - started) / rows * 1e6
 
 
