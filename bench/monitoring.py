@@ -16,8 +16,10 @@
 4. The naive baseline: the same model behind ``bench/naive_app.py`` (one uvicorn process, one
    ``predict_proba`` per request) under part 1's wrk load. Goal: the service with monitoring on >= 10x.
 5. Part 1's question asked side by side in time: both services run at once on the same cores, each under its
-   own wrk, five runs; the median of the runs' on/off ratios of throughput, and of CPU per request (every
-   process of each service, from /proc: off/on). The machine's swings cancel within a run.
+   own wrk; five pairs of fresh services (which one starts first alternates), three runs of 20 s each. On/off
+   of throughput per run and over all runs, and off/on of CPU per request (every process of each service, from
+   /proc) per pair and over all runs. The machine's swings cancel within a run, each instance's own bias
+   across pairs.
 
 Usage: ``.venv/bin/python -m bench.monitoring [--seconds 15]``; writes ``bench/results/monitoring.json``.
 ``--parts 3`` runs the detection delay alone and only prints it (the results file keeps whole runs).
@@ -37,7 +39,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,9 @@ from tests.conftest import free_port
 from tests.integration.services import REPO, Service, start_service, wait_for
 
 THROUGHPUT_ROUNDS = 5
-CONCURRENT_ROUNDS = 5
+CONCURRENT_PAIRS = 5
+CONCURRENT_ROUNDS = 3
+CONCURRENT_SECONDS = 20
 WARM_UP_SECONDS = 8
 
 
@@ -353,10 +357,41 @@ def side_by_side(off: Service, on: Service, rounds: int, seconds: int, env: dict
     return runs
 
 
-def concurrent_throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: int) -> dict[str, Any]:
+@contextmanager
+def concurrent_pair(store: ModelRegistry, folder: Path, *, on_first: bool) -> Iterator[tuple[Service, Service]]:
+    """Part 5's pair, (off, on): an unmonitored service and the supervised one with everything on, started one
+    after the other in the order asked (logs and state in ``folder``), both stopped on exit."""
+    folder.mkdir()
+    starts = {
+        "off": lambda: start_service(store, folder / "off.log", SENTIMENT_MONITORING_ENABLED="false"),
+        "on": lambda: start_service(store, folder / "on.log", supervised=True),
+    }
+    with ExitStack() as stack:
+        started = {}
+        for name in ("on", "off") if on_first else ("off", "on"):
+            started[name] = starts[name]()
+            stack.callback(started[name].stop)
+        yield started["off"], started["on"]
+
+
+def pooled_cpu_us(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each service's CPU per request over ``runs`` together (their CPU over their requests), in microseconds."""
+    return {
+        name: sum(run[f"cpu_us_per_request_{name}"] * run[name] for run in runs) / sum(run[name] for run in runs)
+        for name in ("off", "on")
+    }
+
+
+def pooled_cpu_ratio(runs: list[dict[str, float]]) -> float:
+    """CPU per request off/on over ``runs`` together."""
+    cpu = pooled_cpu_us(runs)
+    return cpu["off"] / cpu["on"]
+
+
+def concurrent_throughput(store: ModelRegistry, tmp: Path, env: dict[str, str]) -> dict[str, Any]:
     """Part 5: the service with everything on and the one with it off running at the same time on the same
-    cores, each saturated by its own wrk (``-t2``, half of part 1's connections), CONCURRENT_ROUNDS runs of
-    ``seconds``; on/off per run and their median.
+    cores, each saturated by its own wrk (``-t2``, half of part 1's connections): CONCURRENT_PAIRS pairs of
+    fresh services, CONCURRENT_ROUNDS runs of CONCURRENT_SECONDS each; on/off per run and over all runs.
 
     Both see the same moments of the shared machine, so its swings (which move part 1's sequential rounds by
     up to 37 points) cancel within a run. Two ratios per run:
@@ -367,43 +402,48 @@ def concurrent_throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], 
     - CPU per request, off/on: every process of each service (all threads, user + system, from /proc) over the
       requests it answered. It does not depend on how the cores were shared; its inverse is the extra CPU a
       request costs with monitoring on.
+
+    Fresh pairs, because two identical unmonitored services started side by side differ by 1-2 % in CPU per
+    request for as long as they run (their own hash seeds and memory layouts): more runs of one pair do not
+    average that out, more pairs do. Which of the two starts first alternates from pair to pair.
     """
-    off = start_service(store, tmp / "concurrent-off.log", SENTIMENT_MONITORING_ENABLED="false")
-    try:
-        on = start_service(store, tmp / "concurrent-on.log", supervised=True)
-        try:
+    runs: list[dict[str, float]] = []
+    monitor_cpu = 0.0
+    for pair in range(CONCURRENT_PAIRS):
+        with concurrent_pair(store, tmp / f"pair-{pair}", on_first=pair % 2 == 1) as (off, on):
             wait_for_monitor(on)
             warm_up(off, env)
             warm_up(on, env)
-            monitor_cpu = monitor_cpu_seconds(on.process.pid)
-            runs = side_by_side(off, on, CONCURRENT_ROUNDS, seconds, env)
-            monitor_cpu = monitor_cpu_seconds(on.process.pid) - monitor_cpu
-        finally:
-            on.stop()
-    finally:
-        off.stop()
+            before = monitor_cpu_seconds(on.process.pid)
+            pair_runs = side_by_side(off, on, CONCURRENT_ROUNDS, CONCURRENT_SECONDS, env)
+            monitor_cpu += monitor_cpu_seconds(on.process.pid) - before
+        runs += [{**run, "pair": pair} for run in pair_runs]
+    measured_seconds = CONCURRENT_PAIRS * CONCURRENT_ROUNDS * CONCURRENT_SECONDS
+    per_pair = [pooled_cpu_ratio([run for run in runs if run["pair"] == pair]) for pair in range(CONCURRENT_PAIRS)]
     ratios = [run["on_vs_off"] for run in runs]
-    cpu_ratios = [run["cpu_per_request_off_vs_on"] for run in runs]
+    requests = {name: sum(run[name] for run in runs) for name in ("off", "on")}
     # All runs pooled (CPU over requests): a drift check, which a saturated service starts once per gap of
-    # 100-150 s, counts in proportion to the time it covers rather than in one run the median may leave out.
-    pooled = {
-        name: sum(run[f"cpu_us_per_request_{name}"] * run[name] for run in runs) / sum(run[name] for run in runs)
-        for name in ("off", "on")
-    }
+    # 100-150 s, counts in proportion to the time it covers rather than in one run a median may leave out.
+    pooled = pooled_cpu_ratio(runs)
     print(
-        f"concurrent on and off ({CONCURRENT_ROUNDS} runs of {seconds} s): throughput on/off per run "
-        f"{', '.join(f'{r:.1%}' for r in ratios)}, median {np.median(ratios):.1%}; CPU per request off/on per run "
-        f"{', '.join(f'{r:.1%}' for r in cpu_ratios)}, median {np.median(cpu_ratios):.1%}, all runs pooled "
-        f"{pooled['off'] / pooled['on']:.1%} (off {pooled['off']:.0f} us, on {pooled['on']:.0f} us; the drift "
-        f"monitor {monitor_cpu * 60 / (CONCURRENT_ROUNDS * seconds):.2f} CPU s a minute)",
+        f"concurrent on and off ({CONCURRENT_PAIRS} pairs x {CONCURRENT_ROUNDS} runs of {CONCURRENT_SECONDS} s): "
+        f"throughput on/off per run {', '.join(f'{r:.1%}' for r in ratios)}, "
+        f"all runs {requests['on'] / requests['off']:.1%}; "
+        f"CPU per request off/on per pair {', '.join(f'{r:.1%}' for r in per_pair)}, all runs pooled {pooled:.1%} "
+        f"(the drift monitor {monitor_cpu * 60 / measured_seconds:.2f} CPU s a minute)",
         flush=True,
     )
     return {
+        "pairs": CONCURRENT_PAIRS,
+        "seconds": CONCURRENT_SECONDS,
         "runs": runs,
         "on_vs_off": float(np.median(ratios)),
-        "cpu_off_vs_on": float(np.median(cpu_ratios)),
-        "cpu_off_vs_on_pooled": pooled["off"] / pooled["on"],
-        "monitor_cpu_seconds_per_minute": monitor_cpu * 60 / (CONCURRENT_ROUNDS * seconds),
+        "on_vs_off_all_runs": requests["on"] / requests["off"],
+        "cpu_off_vs_on": float(np.median([run["cpu_per_request_off_vs_on"] for run in runs])),
+        "cpu_off_vs_on_per_pair": per_pair,
+        "cpu_off_vs_on_pooled": pooled,
+        "cpu_us_per_request_pooled": pooled_cpu_us(runs),
+        "monitor_cpu_seconds_per_minute": monitor_cpu * 60 / measured_seconds,
     }
 
 
@@ -547,7 +587,7 @@ def main() -> None:
                 results["on_vs_naive"] = on_rate / results["naive"]["requests_per_s"]
                 print(f"service with monitoring on vs naive: {results['on_vs_naive']:.1f}x", flush=True)
         if 5 in parts:
-            results["concurrent_throughput"] = concurrent_throughput(store, tmp, env, args.seconds)
+            results["concurrent_throughput"] = concurrent_throughput(store, tmp, env)
 
     if parts != {1, 2, 3, 4, 5}:
         return
