@@ -313,47 +313,52 @@ def throughput(store: ModelRegistry, tmp: Path, env: dict[str, str], seconds: in
     }
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds (user + system, every thread) the processes of ``root``'s tree have used so far, from /proc,
-    those of its children that exited and were reaped included (a worker gunicorn recycled, a finished retrain):
-    each process's own time plus the time of the children it reaped."""
-    total = 0
+def tree_cpu_times(root: int) -> tuple[float, float]:
+    """CPU seconds in user space and in the kernel (every thread) the processes of ``root``'s tree have used so
+    far, from /proc, those of its children that exited and were reaped included (a worker gunicorn recycled, a
+    finished retrain): each process's own time plus the time of the children it reaped."""
+    user = system = 0
     for pid in process_tree(root):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # exited meanwhile
             continue
-        total += sum(int(field) for field in fields[11:15])  # utime, stime, cutime, cstime
-    return total / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11]) + int(fields[13])  # utime, cutime
+        system += int(fields[12]) + int(fields[14])  # stime, cstime
+    ticks = os.sysconf("SC_CLK_TCK")
+    return user / ticks, system / ticks
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """:func:`tree_cpu_times`, user and system together."""
+    return sum(tree_cpu_times(root))
 
 
 def side_by_side(off: Service, on: Service, rounds: int, seconds: int, env: dict[str, str]) -> list[dict[str, float]]:
     """``rounds`` runs of ``seconds`` with both services saturated at once, each by its own wrk (``-t2``, half of
     part 1's connections): per run, each one's requests per second and CPU per request (every process of its
-    tree, from /proc), and the ratios on/off of throughput and off/on of CPU per request."""
+    tree, from /proc; also split into user space and kernel), and the ratios on/off of throughput and off/on of
+    CPU per request."""
     services = {"off": off, "on": on}
     runs = []
     with ThreadPoolExecutor(2) as pool:
         for _ in range(rounds):
-            cpu = {name: tree_cpu_seconds(service.process.pid) for name, service in services.items()}
+            cpu = {name: tree_cpu_times(service.process.pid) for name, service in services.items()}
             loads = {
                 name: pool.submit(wrk, service.url, "bench/predict.lua", seconds, CONNECTIONS // 2, env)
                 for name, service in services.items()
             }
             rates = {name: float(load.result()["requests_per_s"]) for name, load in loads.items()}
-            cpu_us = {
-                name: (tree_cpu_seconds(service.process.pid) - cpu[name]) / (rates[name] * seconds) * 1e6
-                for name, service in services.items()
-            }
-            runs.append(
-                {
-                    **rates,
-                    "on_vs_off": rates["on"] / rates["off"],
-                    "cpu_us_per_request_off": cpu_us["off"],
-                    "cpu_us_per_request_on": cpu_us["on"],
-                    "cpu_per_request_off_vs_on": cpu_us["off"] / cpu_us["on"],
-                }
-            )
+            run: dict[str, float] = {**rates, "on_vs_off": rates["on"] / rates["off"]}
+            for name, service in services.items():
+                used = [
+                    after - before for before, after in zip(cpu[name], tree_cpu_times(service.process.pid), strict=True)
+                ]
+                per_request = [spent / (rates[name] * seconds) * 1e6 for spent in used]
+                run[f"cpu_us_per_request_{name}"] = sum(per_request)
+                run[f"cpu_user_us_per_request_{name}"], run[f"cpu_system_us_per_request_{name}"] = per_request
+            run["cpu_per_request_off_vs_on"] = run["cpu_us_per_request_off"] / run["cpu_us_per_request_on"]
+            runs.append(run)
     return runs
 
 
@@ -374,10 +379,11 @@ def concurrent_pair(store: ModelRegistry, folder: Path, *, on_first: bool) -> It
         yield started["off"], started["on"]
 
 
-def pooled_cpu_us(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Each service's CPU per request over ``runs`` together (their CPU over their requests), in microseconds."""
+def pooled_cpu_us(runs: list[dict[str, float]], kind: str = "") -> dict[str, float]:
+    """Each service's CPU per request over ``runs`` together (their CPU over their requests), in microseconds;
+    ``kind`` "user_" or "system_" for one side of it."""
     return {
-        name: sum(run[f"cpu_us_per_request_{name}"] * run[name] for run in runs) / sum(run[name] for run in runs)
+        name: sum(run[f"cpu_{kind}us_per_request_{name}"] * run[name] for run in runs) / sum(run[name] for run in runs)
         for name in ("off", "on")
     }
 
@@ -430,7 +436,9 @@ def concurrent_throughput(store: ModelRegistry, tmp: Path, env: dict[str, str]) 
         f"throughput on/off per run {', '.join(f'{r:.1%}' for r in ratios)}, "
         f"all runs {requests['on'] / requests['off']:.1%}; "
         f"CPU per request off/on per pair {', '.join(f'{r:.1%}' for r in per_pair)}, all runs pooled {pooled:.1%} "
-        f"(the drift monitor {monitor_cpu * 60 / measured_seconds:.2f} CPU s a minute)",
+        f"(off/on user {' / '.join(f'{v:.0f}' for v in pooled_cpu_us(runs, 'user_').values())} us, system "
+        f"{' / '.join(f'{v:.0f}' for v in pooled_cpu_us(runs, 'system_').values())} us; "
+        f"the drift monitor {monitor_cpu * 60 / measured_seconds:.2f} CPU s a minute)",
         flush=True,
     )
     return {
@@ -443,6 +451,8 @@ def concurrent_throughput(store: ModelRegistry, tmp: Path, env: dict[str, str]) 
         "cpu_off_vs_on_per_pair": per_pair,
         "cpu_off_vs_on_pooled": pooled,
         "cpu_us_per_request_pooled": pooled_cpu_us(runs),
+        "cpu_user_us_per_request_pooled": pooled_cpu_us(runs, "user_"),
+        "cpu_system_us_per_request_pooled": pooled_cpu_us(runs, "system_"),
         "monitor_cpu_seconds_per_minute": monitor_cpu * 60 / measured_seconds,
     }
 

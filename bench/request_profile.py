@@ -387,6 +387,38 @@ def components(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return result
 
 
+def monitored_app(state: Path, monitoring: bool) -> Any:
+    """The real app (``create_app``) with its prediction log migrated under ``state``, monitoring on or off."""
+    from app.main import create_app
+    from app.migrations import upgrade
+    from app.settings import Settings
+
+    upgrade(f"sqlite:///{state / 'predictions.db'}")
+    settings = Settings(state_dir=state, monitoring_enabled=monitoring, webhook_token="w" * 32, feedback_token="f" * 32)
+    return create_app(settings)
+
+
+async def send_requests(app: Any, bodies: list[bytes], first: int, count: int, concurrency: int) -> int:
+    """POST ``bodies[first:]`` (round robin) to the predict route through ``app``'s ASGI interface, ``concurrency``
+    at a time, whole groups only; returns how many were sent. Raises on a status other than 200."""
+
+    async def one(body: bytes) -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] != 200:
+                raise RuntimeError(f"status {message['status']}")
+
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await app({**http_scope(headers), "state": {}}, receive, send)
+
+    sent = count - count % concurrency
+    for start in range(first, first + sent, concurrency):
+        await asyncio.gather(*(one(bodies[(start + j) % len(bodies)]) for j in range(concurrency)))
+    return sent
+
+
 def whole_app(args: argparse.Namespace, tmp: Path, texts: list[str]) -> dict[str, Any]:
     """The real app (``create_app``, its lifespan: model, batcher, recorder and spool, database flushes on its
     threads) in this process, driven through ASGI ``--concurrency`` requests at a time: CPU of the process
@@ -400,10 +432,7 @@ def whole_app(args: argparse.Namespace, tmp: Path, texts: list[str]) -> dict[str
 
     from app import gunicorn_worker
     from app.logs import configure_structlog, dict_config
-    from app.main import create_app
-    from app.migrations import upgrade
     from app.process_memory import skip_unused_optional_imports
-    from app.settings import Settings
 
     skip_unused_optional_imports()  # as gunicorn_conf does for the workers
     configure_structlog()
@@ -420,36 +449,16 @@ def whole_app(args: argparse.Namespace, tmp: Path, texts: list[str]) -> dict[str
             gc_seconds[0] += time.perf_counter() - collecting["at"]
 
     async def measure(monitoring: bool, index: int) -> dict[str, float]:
-        state = tmp / f"app-{index}"
-        upgrade(f"sqlite:///{state / 'predictions.db'}")
-        settings = Settings(
-            state_dir=state, monitoring_enabled=monitoring, webhook_token="w" * 32, feedback_token="f" * 32
-        )
-        app = create_app(settings)
-
-        async def one(body: bytes) -> None:
-            async def receive() -> dict[str, Any]:
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            async def send(message: dict[str, Any]) -> None:
-                if message["type"] == "http.response.start" and message["status"] != 200:
-                    raise RuntimeError(f"status {message['status']}")
-
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await app({**http_scope(headers), "state": {}}, receive, send)
-
+        app = monitored_app(tmp / f"app-{index}", monitoring)
         async with app.router.lifespan_context(app):
-            for i in range(200):  # warm: first requests, first flushes
-                await one(bodies[i % len(bodies)])
+            await send_requests(app, bodies, 0, 200, 1)  # warm: first requests, first flushes
             await asyncio.sleep(1)
             gc_seconds[0] = 0.0
             gc.callbacks.append(on_gc)
             cpu = time.process_time()
-            for start in range(0, n - n % k, k):
-                await asyncio.gather(*(one(bodies[(start + j) % len(bodies)]) for j in range(k)))
+            done = await send_requests(app, bodies, 0, n, k)
             cpu = time.process_time() - cpu
             gc.callbacks.remove(on_gc)
-        done = n - n % k
         return {"cpu_us_per_request": cpu / done * 1e6, "gc_us_per_request": gc_seconds[0] / done * 1e6}
 
     result: dict[str, Any] = {"loadavg_before": loadavg(), "requests": n, "concurrency": k}
