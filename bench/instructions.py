@@ -12,7 +12,7 @@ runs in one process under callgrind and is driven through ASGI (``bench/request_
 requests at a time, start-up heap frozen as in a gunicorn worker. Each mode runs twice, with SHORT and LONG
 measured requests after the same start-up and warm-up; the difference of the two totals over the difference of
 requests is the cost of one request, start-up excluded. OpenBLAS runs one thread (its idle threads spin for
-varying times and the model does not use it).
+varying times and the model does not use it); every run has the same hash seed.
 
 Variants: monitoring off, on, and on without one piece (removed by ``bench/ablation_site/sitecustomize.py``, as
 ``bench/monitoring_ablation.py`` does): a piece's count is "on" minus "on" without it. Off and on also by library
@@ -54,6 +54,15 @@ VARIANTS: list[Variant] = [
     ("on without the metric writes", True, "metrics"),
 ]
 MODES = ("off", "on")  # by library
+SLOWED_DOWN = {
+    # Under callgrind the app runs about 50 times slower: work done per interval of time (the log flush's fixed
+    # part, the drift status, model and revocation polls) would count 50 times over per request. These intervals
+    # give a flush about as many rows as a saturated worker's 0.5 s and leave the polls out.
+    "SENTIMENT_PREDICTION_LOG_FLUSH_SECONDS": "25",
+    "SENTIMENT_DRIFT_STATUS_REFRESH_SECONDS": "3600",
+    "SENTIMENT_RELOAD_INTERVAL_SECONDS": "3600",
+    "SENTIMENT_FEEDBACK_REVOCATION_REFRESH_SECONDS": "3600",
+}
 _TOTAL = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 _FUNCTION_LINE = re.compile(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*)$")
 
@@ -111,8 +120,12 @@ def counted(variant: Variant, requests: int, tmp: Path) -> Path:
         env={
             **os.environ,
             "OPENBLAS_NUM_THREADS": "1",
+            # One hash seed for every run: the start-up's work depends on it by millions of instructions, which
+            # would not cancel out between the two runs of a variant.
+            "PYTHONHASHSEED": "0",
             "PYTHONPATH": os.pathsep.join([str(REPO / "bench" / "ablation_site"), str(REPO)]),
             "BENCH_ABLATE": ablate,
+            **SLOWED_DOWN,
         },
         cwd=REPO,
     )
