@@ -9,7 +9,7 @@ misses, other tenants): the figure is the monitoring code's work, not its time.
 
 The real app (``create_app`` and its lifespan: model, batcher, recorder, spool, database flushes on their thread)
 runs in one process under callgrind and is driven through ASGI (``bench/request_profile.py``), ``CONCURRENCY``
-requests at a time, start-up heap frozen as in a gunicorn worker. Each mode runs twice, with SHORT and LONG
+requests at a time, start-up heap frozen as in a gunicorn worker. Each variant runs twice, with SHORT and LONG
 measured requests after the same start-up and warm-up; the difference of the two totals over the difference of
 requests is the cost of one request, start-up excluded. OpenBLAS runs one thread (its idle threads spin for
 varying times and the model does not use it); every run has the same hash seed.
@@ -19,7 +19,7 @@ Variants: monitoring off, on, and on without one piece (removed by ``bench/ablat
 (the shared object each instruction belongs to).
 
 Usage: ``.venv/bin/python -m bench.instructions``; needs a current model (``python -m app.cli train``) and
-valgrind (Debian package ``valgrind``, installed by ``scripts/system-deps``); about 10 minutes on 2 cores. Writes
+valgrind (Debian package ``valgrind``, installed by ``scripts/system-deps``); about 12 minutes on 2 cores. Writes
 ``bench/results/instructions.json``.
 """
 
