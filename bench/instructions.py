@@ -39,7 +39,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.monitoring_ablation import ablation_env
+from tests.integration.services import REPO
 
 CONCURRENCY = 14
 WARM_REQUESTS = 140
@@ -123,8 +124,7 @@ def counted(variant: Variant, requests: int, tmp: Path) -> Path:
             # One hash seed for every run: the start-up's work depends on it by millions of instructions, which
             # would not cancel out between the two runs of a variant.
             "PYTHONHASHSEED": "0",
-            "PYTHONPATH": os.pathsep.join([str(REPO / "bench" / "ablation_site"), str(REPO)]),
-            "BENCH_ABLATE": ablate,
+            **ablation_env(ablate),
             **SLOWED_DOWN,
         },
         cwd=REPO,

@@ -42,6 +42,12 @@ VARIANTS: list[Variant] = [
 ]
 
 
+def ablation_env(ablate: str) -> dict[str, str]:
+    """The environment that makes a Python process load ``bench/ablation_site`` and remove the pieces named in
+    ``ablate`` (comma-separated, see its docstring; empty: none)."""
+    return {"PYTHONPATH": os.pathsep.join([str(REPO / "bench" / "ablation_site"), str(REPO)]), "BENCH_ABLATE": ablate}
+
+
 def variant_runs(
     store: ModelRegistry, tmp: Path, env: dict[str, str], variant: Variant, *, rounds: int, seconds: int
 ) -> list[dict[str, float]]:
@@ -54,8 +60,7 @@ def variant_runs(
             tmp / f"{label}-on.log",
             supervised=supervised,
             SENTIMENT_MONITORING_ENABLED=str(enabled).lower(),
-            PYTHONPATH=os.pathsep.join([str(REPO / "bench" / "ablation_site"), str(REPO)]),
-            BENCH_ABLATE=ablate,
+            **ablation_env(ablate),
         )
         try:
             if supervised:
