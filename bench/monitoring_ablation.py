@@ -54,13 +54,15 @@ def variant_runs(
     _, supervised, enabled, ablate = variant
     label = f"v{VARIANTS.index(variant)}"
     off = start_service(store, tmp / f"{label}-off.log", SENTIMENT_MONITORING_ENABLED="false")
+    ablation = ablation_env(ablate)
     try:
         on = start_service(
             store,
             tmp / f"{label}-on.log",
             supervised=supervised,
             SENTIMENT_MONITORING_ENABLED=str(enabled).lower(),
-            **ablation_env(ablate),
+            PYTHONPATH=ablation["PYTHONPATH"],
+            BENCH_ABLATE=ablation["BENCH_ABLATE"],
         )
         try:
             if supervised:
