@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.migrations import DatabaseSchemaBehindError, require_current
 from app.ml.registry import ModelRegistry
 from app.monitoring.feedback import FeedbackCredentials, FeedbackService
+from app.monitoring.metric_writes import WRITES
 from app.monitoring.status import DriftStatus
 from app.retrain.launcher import RetrainLauncher
 from app.retrain.webhooks import SOURCES, WebhookService, WebhookSource, verifiers
@@ -80,6 +81,9 @@ async def build_services(settings: Settings, sources: Sequence[WebhookSource] = 
     tasks (model watcher, drift status, batcher, prediction recorder), and stop them in reverse order on
     exit: graceful shutdown writes buffered predictions before the database is closed."""
     async with contextlib.AsyncExitStack() as stack:
+        WRITES.interval, interval = settings.metrics_write_seconds, WRITES.interval
+        stack.callback(setattr, WRITES, "interval", interval)
+        stack.callback(WRITES.flush)  # the metric writes of the requests served until the end
         registry, models = await _load_models(settings)
         stack.callback(registry.close)  # a store in the database holds connections; closed after the watcher
         storage = await _open_database(settings)

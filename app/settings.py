@@ -138,6 +138,17 @@ class Settings(BaseSettings):
         "threads that serve /metrics, model reloads or webhooks.",
     )
     monitoring_enabled: bool = Field(True, description="Record metrics and log predictions (off only to benchmark).")
+    metrics_write_seconds: float = Field(
+        0.25,
+        ge=0,
+        le=60,
+        description=(
+            "How long each web worker gathers the request path's metric writes before writing them to the "
+            "multiprocess metric files (each touched value once); 0 writes them at the end of each event-loop "
+            "iteration. A scrape sees other workers' counts at most this late; a worker killed by SIGKILL loses "
+            "at most this long's counts (its predictions are in the log)."
+        ),
+    )
     prediction_log_flush_seconds: PositiveFloat = Field(
         0.5, description="How often each worker writes its buffered predictions to the prediction database."
     )

@@ -58,8 +58,10 @@ MODES = ("off", "on")  # by library
 SLOWED_DOWN = {
     # Under callgrind the app runs about 50 times slower: work done per interval of time (the log flush's fixed
     # part, the drift status, model and revocation polls) would count 50 times over per request. These intervals
-    # give a flush about as many rows as a saturated worker's 0.5 s and leave the polls out.
+    # give a flush about as many rows as a saturated worker's 0.5 s (a metric write as many requests as its
+    # 0.25 s) and leave the polls out.
     "SENTIMENT_PREDICTION_LOG_FLUSH_SECONDS": "25",
+    "SENTIMENT_METRICS_WRITE_SECONDS": "12.5",
     "SENTIMENT_DRIFT_STATUS_REFRESH_SECONDS": "3600",
     "SENTIMENT_RELOAD_INTERVAL_SECONDS": "3600",
     "SENTIMENT_FEEDBACK_REVOCATION_REFRESH_SECONDS": "3600",

@@ -1,15 +1,17 @@
-"""Metric writes of the request path, gathered per event-loop iteration and written once per touched value.
+"""Metric writes of the request path, gathered in each web worker and written once per touched value.
 
 In multiprocess mode every counter increment, gauge change and histogram observation is a locked write to a
-memory-mapped file (about 1 us each). A web worker answers its requests in bursts: the batcher wakes every
-caller of one model call in the same loop iteration, and their responses end together. Gathering the writes of
-an iteration and writing each touched value once at its end (``loop.call_soon``) turns the ~8 writes of every
-single-text request into a few per burst: the in-progress gauge's +1 and -1 of requests starting and ending in
-one iteration cancel out, the latencies of 14 requests touch 2-3 buckets and one sum.
+memory-mapped file (about 1 us each, with a ``getpid`` system call). A web worker gathers the writes of its
+requests for ``SENTIMENT_METRICS_WRITE_SECONDS`` (0.25 s by default) and then writes each touched value once:
+the ~8 writes of every single-text request become a few per interval for all of them. The in-progress gauge's
++1 and -1 of requests that start and end within one interval cancel out; the latencies of hundreds of requests
+touch a few buckets and one sum. With 0 the writes of one event-loop iteration are written at its end.
 
-Nothing waits for a scrape: the writes land before the loop handles anything that arrived after them, so
-``/metrics`` (served by any worker) never lags behind more than the iteration in progress, and a worker killed
-by SIGKILL loses at most that iteration's counts. Outside a running loop (a CLI, a test) writes are immediate.
+What that costs. A scrape sees another worker's counts at most one interval late (the worker that serves
+``/metrics`` writes its own first); Prometheus scrapes every few seconds or more, so a scrape misses at most
+the last quarter second of other workers' traffic and counts it at the next. A worker killed by SIGKILL loses
+at most one interval's counts (its predictions are all in the prediction log: :mod:`app.storage.recorder`); a
+graceful shutdown writes them. Outside a running loop (a CLI, a test) writes are immediate.
 
 This reads prometheus_client's internals (a child's ``_value``, a histogram's ``_upper_bounds``, ``_buckets``
 and ``_sum``; the version is pinned in requirements.txt); ``tests/monitoring/test_metric_writes.py`` checks the
@@ -31,22 +33,27 @@ the loop's (14 values, a model call's usual rows under load: 8.7 us with numpy, 
 
 
 class LoopBatchedWrites:
-    """Counter increments, gauge deltas and histogram observations, written at the end of the loop iteration."""
+    """Counter increments, gauge deltas and histogram observations, written ``interval`` seconds after the first
+    of them (0: at the end of the loop iteration)."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 0.0) -> None:
+        self.interval = interval
         self._pending: dict[Any, float] = {}  # a metric value object -> amount to add
-        self._scheduled = False
+        self._scheduled: asyncio.Handle | None = None  # the flush to come
 
     def _add(self, value: Any, amount: float) -> None:
         pending = self._pending
         pending[value] = pending.get(value, 0.0) + amount
-        if not self._scheduled:
+        if self._scheduled is None:
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop: write now
                 self.flush()
                 return
-            self._scheduled = True
+            if self.interval > 0:
+                self._scheduled = loop.call_later(self.interval, self.flush)
+            else:
+                self._scheduled = loop.call_soon(self.flush)
 
     def inc(self, metric: Counter | Gauge, amount: float = 1.0) -> None:
         """``metric.inc(amount)`` (a gauge may take a negative amount) for an unlabelled metric or a child."""
@@ -84,7 +91,9 @@ class LoopBatchedWrites:
 
     def flush(self) -> None:
         """Write every gathered amount (each touched value once); amounts that cancelled out are skipped."""
-        self._scheduled = False
+        if self._scheduled is not None:
+            self._scheduled.cancel()  # called early (a scrape, shutdown): the scheduled flush would find nothing
+            self._scheduled = None
         pending, self._pending = self._pending, {}
         for value, amount in pending.items():
             if amount:
@@ -92,4 +101,5 @@ class LoopBatchedWrites:
 
 
 WRITES = LoopBatchedWrites()
-"""The process's writer: the access-log middleware and the predictor share it, so a burst's writes meet."""
+"""The process's writer: the access-log middleware and the predictor share it, so their writes meet. A web
+worker's lifespan sets its interval from the settings (:func:`app.services.build_services`)."""

@@ -306,7 +306,7 @@ def render(extra: Collector | None = None) -> tuple[bytes, str]:
     aggregates of dead processes consistently with compactions, and compacts first when dead files piled up);
     otherwise the default registry is served.
     """
-    WRITES.flush()  # this process's writes of the loop iteration in progress
+    WRITES.flush()  # this process's gathered writes (other workers' land within their interval)
     registry = CollectorRegistry()
     if extra is not None:
         registry.register(extra)

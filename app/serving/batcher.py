@@ -20,6 +20,7 @@ import structlog
 from numpy.typing import NDArray
 from prometheus_client import Histogram
 
+from app.monitoring.metric_writes import WRITES
 from app.monitoring.metrics import INFERENCE_DURATION
 from app.serving.models import ServedModel
 
@@ -97,7 +98,7 @@ class InferenceBatcher:
         if self.measure:
             if self._latency is None or self._latency[0] != model.version:
                 self._latency = (model.version, INFERENCE_DURATION.labels(model.version))
-            self._latency[1].observe(time.perf_counter() - started)
+            WRITES.observe(self._latency[1], time.perf_counter() - started)
         return proba
 
     async def _predict_chunked(self, model: ServedModel, texts: list[str]) -> NDArray[np.float64]:

@@ -99,8 +99,8 @@ class Predictor:
     the batcher hands each request's rows to :meth:`_stage` in the batch step, which schedules one
     :meth:`_record_staged` ahead of the callers' wake-ups: a batch costs one spool write and one round of
     metric writes (``bench/request_profile.py``: 15 us down to 7 us per request at 14 requests per model
-    call), every prediction is spooled before its response is sent, and its metric writes land with the
-    loop iteration's others (:mod:`app.monitoring.metric_writes`).
+    call), every prediction is spooled before its response is sent, and its metric writes are gathered with
+    the worker's others (:mod:`app.monitoring.metric_writes`).
     """
 
     def __init__(self, models: ModelManager, batcher: InferenceBatcher, recorder: PredictionRecorder | None) -> None:
@@ -146,8 +146,8 @@ class Predictor:
             log.exception("prediction_record_failed", reason=type(exc).__name__)
 
     def _record_staged(self) -> None:
-        """Spool and buffer the staged rows (one write), then count them (gathered with the loop iteration's
-        other metric writes: :mod:`app.monitoring.metric_writes`)."""
+        """Spool and buffer the staged rows (one write), then count them (gathered with the worker's other
+        metric writes: :mod:`app.monitoring.metric_writes`)."""
         if not self._staged:
             return
         rows, self._staged = self._staged, []

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from app.main import create_app
+from app.monitoring.metric_writes import WRITES
 from app.services import Services
 from app.settings import Settings
 from app.storage.drift_checks import DriftCheck
@@ -95,6 +96,23 @@ def test_predictions_reach_the_log_and_count_in_the_metrics(client: TestClient, 
     while predictions.count_predictions() < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert predictions.count_predictions() >= 3
+
+
+def test_a_worker_writes_its_gathered_metrics_when_it_serves_a_scrape_and_when_it_stops(settings: Settings) -> None:
+    """SENTIMENT_METRICS_WRITE_SECONDS: counts wait for the interval, a scrape by the same worker writes them at once,
+    and a graceful stop writes what is left."""
+    slow = settings.model_copy(update={"metrics_write_seconds": 30.0})
+    with TestClient(create_app(slow)) as client:
+        labels = {"model_version": client.get("/readyz").json()["model_version"], "sentiment": "positive"}
+        before = REGISTRY.get_sample_value("sentiment_predictions_total", labels) or 0.0
+        assert WRITES.interval == 30.0
+        client.post("/v1/predict/batch", json={"texts": ["Loved every minute of it."] * 3})
+        assert (REGISTRY.get_sample_value("sentiment_predictions_total", labels) or 0.0) == before
+        client.get("/metrics")
+        assert REGISTRY.get_sample_value("sentiment_predictions_total", labels) == before + 3
+        client.post("/v1/predict", json={"text": "Loved every minute of it."})
+    assert REGISTRY.get_sample_value("sentiment_predictions_total", labels) == before + 4
+    assert WRITES.interval == 0.0  # the process's default again
 
 
 def test_drift_endpoint_reports_current_status_and_history(client: TestClient) -> None:

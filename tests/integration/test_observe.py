@@ -76,12 +76,18 @@ def test_counters_sum_across_workers_and_survive_a_killed_worker(full_service: S
     }
     assert len(served_by) == 2  # both workers answered some
     version = httpx.get(f"{full_service.url}/readyz").json()["model_version"]
+
+    def predictions_counted() -> float:
+        samples = scrape(full_service)
+        return sum(
+            value(samples, "sentiment_predictions_total", model_version=version, sentiment=s)
+            for s in ("positive", "negative")
+        )
+
+    # The worker that does not serve the scrape writes its counts within SENTIMENT_METRICS_WRITE_SECONDS (0.25).
+    wait_for(lambda: predictions_counted() >= 60, timeout=5, every=0.05)
     before = scrape(full_service)
-    total = sum(
-        value(before, "sentiment_predictions_total", model_version=version, sentiment=s)
-        for s in ("positive", "negative")
-    )
-    assert total == 60
+    assert predictions_counted() == 60
     assert (
         value(before, "sentiment_request_duration_seconds_count", method="POST", route="/v1/predict", status="200")
         == 60

@@ -109,3 +109,35 @@ def test_outside_a_loop_writes_are_immediate() -> None:
     counter = Counter("served", "served", registry=registry)
     LoopBatchedWrites().inc(counter, 3)
     assert samples(counter)[("served_total", "")] == 3.0
+
+
+def test_with_an_interval_writes_land_that_long_after_the_first_and_an_early_flush_writes_them_once() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("served", "served", registry=registry)
+    histogram = Histogram("latency", "latency", buckets=LATENCY_BUCKETS, registry=registry)
+    writes = LoopBatchedWrites(interval=1.0)
+    seen: dict[str, float] = {}
+
+    async def traffic() -> None:
+        writes.inc(counter)
+        await asyncio.sleep(0.05)  # many loop iterations later: still gathered
+        writes.inc(counter)
+        writes.observe(histogram, 0.003)
+        await asyncio.sleep(0.05)
+        seen["before the interval"] = samples(counter)[("served_total", "")]
+        await asyncio.sleep(1.2)
+        seen["after the interval"] = samples(counter)[("served_total", "")]
+        writes.inc(counter, 5)
+        writes.flush()  # a scrape by this worker: written now, the scheduled write is cancelled
+        seen["flushed early"] = samples(counter)[("served_total", "")]
+        await asyncio.sleep(0.3)
+        seen["later"] = samples(counter)[("served_total", "")]
+        seen["histogram"] = samples(histogram)[("latency_count", "")]
+
+    asyncio.run(traffic())
+    assert seen["before the interval"] == 0.0
+    assert seen["after the interval"] == 2.0
+    assert seen["flushed early"] == 7.0
+    assert seen["later"] == 7.0
+    assert seen["histogram"] == 1.0
+    assert writes._scheduled is None
