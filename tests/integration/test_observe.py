@@ -77,33 +77,25 @@ def test_counters_sum_across_workers_and_survive_a_killed_worker(full_service: S
     assert len(served_by) == 2  # both workers answered some
     version = httpx.get(f"{full_service.url}/readyz").json()["model_version"]
 
-    def predictions_counted() -> float:
-        samples = scrape(full_service)
-        return sum(
+    def counted(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> tuple[float, float]:
+        """(predictions, /v1/predict requests) in a scrape."""
+        predicted = sum(
             value(samples, "sentiment_predictions_total", model_version=version, sentiment=s)
             for s in ("positive", "negative")
         )
+        route = {"method": "POST", "route": "/v1/predict", "status": "200"}
+        return predicted, value(samples, "sentiment_request_duration_seconds_count", **route)
 
     # The worker that does not serve the scrape writes its counts within SENTIMENT_METRICS_WRITE_SECONDS (0.25).
-    wait_for(lambda: predictions_counted() >= 60, timeout=5, every=0.05)
+    wait_for(lambda: min(counted(scrape(full_service))) >= 60, timeout=5, every=0.05)
     before = scrape(full_service)
-    assert predictions_counted() == 60
-    assert (
-        value(before, "sentiment_request_duration_seconds_count", method="POST", route="/v1/predict", status="200")
-        == 60
-    )
+    assert counted(before) == (60, 60)
     victim = full_service.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: victim not in full_service.worker_pids() and len(full_service.worker_pids()) == 2)
     wait_for(lambda: httpx.get(f"{full_service.url}/readyz").status_code == 200)
     after = scrape(full_service)
-    assert (
-        sum(
-            value(after, "sentiment_predictions_total", model_version=version, sentiment=s)
-            for s in ("positive", "negative")
-        )
-        == 60
-    )
+    assert counted(after)[0] == 60
     assert value(after, "sentiment_model_info", version=version) == 1.0
 
 
