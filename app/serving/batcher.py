@@ -3,8 +3,8 @@
 Per-call overhead is a large share of the cost of one text, so requests that arrive while the model is
 busy are answered together by the next call. Nothing waits for a batch to fill: an idle worker serves a
 lone request at once. A caller may pass ``on_result``, run in the batch's own step before any of its callers
-resumes: what a caller does there for a whole batch at once (the predictor: one spool write, one round of
-metric writes) is done before any of the batch's responses can be sent.
+resumes: what a caller does there for a whole batch at once (the predictor: one spool write, the batch's
+counts gathered for the worker's next metric write) is done before any of the batch's responses can be sent.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class Predictor:
     prediction log (buffered; the request never waits for the database). Recording is per model call:
     the batcher hands each request's rows to :meth:`_stage` in the batch step, which schedules one
     :meth:`_record_staged` ahead of the callers' wake-ups: a batch costs one spool write and one round of
-    metric writes (``bench/request_profile.py``: 15 us down to 7 us per request at 14 requests per model
+    gathered counts (``bench/request_profile.py``: 15 us down to 7 us per request at 14 requests per model
     call), every prediction is spooled before its response is sent, and its metric writes are gathered with
     the worker's others (:mod:`app.monitoring.metric_writes`).
     """
