@@ -64,7 +64,7 @@ class Load:
 def service(store: ModelRegistry, tmp_path: Path) -> Iterator[Service]:
     # No timed flush during the test: each worker writes its rows at start (none yet) and when it stops, so
     # every row the killed worker answered is in its spool when it dies, wherever the kill falls. With the
-    # default 0.5 s a kill just after a flush can find nothing to adopt (one CI run in several).
+    # default 0.5 s a kill just after a flush can find nothing to adopt (one CI run did).
     running = start_service(store, tmp_path / "gunicorn.log", SENTIMENT_PREDICTION_LOG_FLUSH_SECONDS=str(FLUSH_SECONDS))
     yield running
     running.stop()
