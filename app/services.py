@@ -81,8 +81,9 @@ async def build_services(settings: Settings, sources: Sequence[WebhookSource] = 
     tasks (model watcher, drift status, batcher, prediction recorder), and stop them in reverse order on
     exit: graceful shutdown writes buffered predictions before the database is closed."""
     async with contextlib.AsyncExitStack() as stack:
-        WRITES.interval, interval = settings.metrics_write_seconds, WRITES.interval
-        stack.callback(setattr, WRITES, "interval", interval)
+        process_default = WRITES.interval
+        WRITES.interval = settings.metrics_write_seconds
+        stack.callback(setattr, WRITES, "interval", process_default)
         stack.callback(WRITES.flush)  # the metric writes of the requests served until the end
         registry, models = await _load_models(settings)
         stack.callback(registry.close)  # a store in the database holds connections; closed after the watcher
